@@ -1,0 +1,67 @@
+"""Where things live inside a run's storage (the format contract of DESIGN.md).
+
+    <storage>/<run_name>/
+      checkpoints/step_000000120/   DCP files + manifest.json (written last: the commit marker)
+      events.jsonl                  the run's event log
+      summary.json                  written when the run ends
+      chaos/                        one marker per fault-injection entry that has fired
+"""
+
+from __future__ import annotations
+
+import re
+
+from orchestrator.checkpoint.storage import Storage
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+EVENTS = "events.jsonl"
+SUMMARY = "summary.json"
+CHAOS = "chaos"
+_STEP_DIR = re.compile(r"^step_(\d{9})$")
+
+
+def step_dir_name(step: int) -> str:
+    if not 0 <= step < 10**9:
+        raise ValueError(f"step {step} does not fit the 9-digit step directory format")
+    return f"step_{step:09d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    m = _STEP_DIR.match(name)
+    return int(m.group(1)) if m else None
+
+
+class RunLayout:
+    """Relative paths of one run inside a Storage."""
+
+    def __init__(self, storage: Storage, run_name: str) -> None:
+        self.storage = storage
+        self.run_name = run_name
+
+    def step_dir(self, step: int) -> tuple[str, ...]:
+        return (self.run_name, CHECKPOINTS, step_dir_name(step))
+
+    def manifest(self, step: int) -> tuple[str, ...]:
+        return (*self.step_dir(step), MANIFEST)
+
+    @property
+    def checkpoints(self) -> tuple[str, ...]:
+        return (self.run_name, CHECKPOINTS)
+
+    @property
+    def events(self) -> tuple[str, ...]:
+        return (self.run_name, EVENTS)
+
+    @property
+    def summary(self) -> tuple[str, ...]:
+        return (self.run_name, SUMMARY)
+
+    @property
+    def chaos(self) -> tuple[str, ...]:
+        return (self.run_name, CHAOS)
+
+    def step_dirs(self) -> list[int]:
+        """Every step that has a directory, committed or not, in ascending numeric order."""
+        steps = (parse_step_dir(e.name) for e in self.storage.list_dir(*self.checkpoints))
+        return sorted(s for s in steps if s is not None)

@@ -1,0 +1,74 @@
+"""`orchestrator run CONFIG.yaml [--address ADDR] [--set section.key=value ...]`
+
+The entry point is the only place that reads the environment (RAY_ADDRESS).
+Exit codes: 0 the job succeeded, 1 it failed, 2 the configuration or the command was wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from orchestrator.errors import ConfigError, StorageError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="orchestrator",
+                                     description="Fault-tolerant distributed training on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) a training job")
+    run.add_argument("config", nargs="?", help="job config YAML (defaults apply without one)")
+    run.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, or start "
+                                       "an embedded local Ray)")
+    run.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "run":
+        return _run(args)
+    return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace) -> int:
+    from orchestrator.checkpoint.layout import RunLayout
+    from orchestrator.checkpoint.storage import Storage
+    from orchestrator.config import load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+        storage = Storage(config.run.storage_url)
+    except (ConfigError, StorageError) as e:
+        print(f"orchestrator: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # An embedded cluster serves this machine only: keep Ray on loopback (otherwise it
+        # binds the machine's external address). Ray reads this when it is imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    from orchestrator.driver import Driver
+    from orchestrator.worker_group import RayWorkerGroup
+
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False)
+    try:
+        driver = Driver(config, RayWorkerGroup(config), RunLayout(storage, config.run.name))
+        result = driver.run()
+    finally:
+        ray.shutdown()
+    stream = sys.stdout if result.succeeded else sys.stderr
+    print(f"orchestrator: {result.message}", file=stream)
+    s = result.summary
+    print(f"orchestrator: steps={s['steps_completed']} restarts={s['restarts']} "
+          f"lost_steps={s['lost_steps']} goodput={s['goodput']:.2f} wall={s['wall_s']:.1f}s "
+          f"final_checkpoint_step={s['final_checkpoint_step']}", file=stream)
+    return EXIT_OK if result.succeeded else EXIT_FAILED

@@ -1,0 +1,264 @@
+"""The job's configuration: one typed dataclass tree, loaded from YAML, validated at the edge.
+
+Every section validates itself in `__post_init__`; `load_config` rejects unknown keys and values
+of the wrong type with a `ConfigError` whose one-line message names the key and what is allowed.
+Nothing here reads the environment: the CLI is the only entry point that does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.errors import ConfigError
+
+# Storage schemes we support and test. Anything else is refused before the job starts rather
+# than failing minutes later inside a worker.
+STORAGE_SCHEMES = ("file", "s3", "memory")
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class RunConfig:
+    name: str = "demo"
+    """Name of the run; a second `orchestrator run` with the same name and storage resumes it."""
+    storage: str = "./runs"
+    """Where checkpoints and the event log go: a local path or an fsspec URL (file://, s3://)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.name, str) and bool(_RUN_NAME.match(self.name)),
+            "run.name", "use letters, digits, '.', '_' and '-'", self.name,
+        )
+        _require(isinstance(self.storage, str) and self.storage != "",
+                 "run.storage", "give a local path or a URL", self.storage)
+        if "://" in self.storage:
+            scheme = self.storage.split("://", 1)[0]
+            _require(scheme in STORAGE_SCHEMES, "run.storage",
+                     f"the URL scheme must be one of {', '.join(STORAGE_SCHEMES)}, "
+                     "or give a local path", self.storage)
+
+    @property
+    def storage_url(self) -> str:
+        """The storage as an absolute URL or path, so workers on other cwd's agree on it."""
+        if "://" in self.storage:
+            return self.storage.rstrip("/")
+        return str(Path(self.storage).expanduser().resolve())
+
+
+@dataclass(kw_only=True, frozen=True)
+class WorkloadConfig:
+    entrypoint: str = "workloads.gpt:train"
+    """`module:function` of the training function; it is called with a TrainContext."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Arguments handed to the workload as `ctx.args`; the workload validates them."""
+
+    def __post_init__(self) -> None:
+        module, sep, func = str(self.entrypoint).partition(":")
+        _require(bool(sep and module and func), "workload.entrypoint",
+                 "write it as 'module:function'", self.entrypoint)
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a missing parent package
+            found = False
+        _require(found, "workload.entrypoint",
+                 f"module {module!r} cannot be imported here", self.entrypoint)
+
+
+@dataclass(kw_only=True, frozen=True)
+class ScalingConfig:
+    num_workers: int = 2
+    """Number of training workers (the world size)."""
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    """Ray resources each worker reserves; a positive GPU count selects NCCL and CUDA."""
+    placement_strategy: str = "PACK"
+    """Ray placement-group strategy for the gang: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD."""
+    placement_timeout_s: float = 120.0
+    """How long to wait for the cluster to place every worker before giving up."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, "scaling.num_workers", "it must be at least 1",
+                 self.num_workers)
+        for name, amount in self.resources_per_worker.items():
+            _require(isinstance(amount, (int, float)) and amount >= 0,
+                     f"scaling.resources_per_worker.{name}", "it must be a number >= 0", amount)
+        strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+        _require(self.placement_strategy in strategies, "scaling.placement_strategy",
+                 f"use one of {', '.join(strategies)}", self.placement_strategy)
+        _require(self.placement_timeout_s > 0, "scaling.placement_timeout_s",
+                 "it must be > 0", self.placement_timeout_s)
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.resources_per_worker.get("GPU", 0) > 0
+
+
+@dataclass(kw_only=True, frozen=True)
+class CheckpointConfig:
+    interval_steps: int = 10
+    """Save every this many steps (and always at the final step)."""
+
+    def __post_init__(self) -> None:
+        _require(self.interval_steps >= 1, "checkpoint.interval_steps", "it must be at least 1",
+                 self.interval_steps)
+
+
+@dataclass(kw_only=True, frozen=True)
+class FailureConfig:
+    max_restarts: int = 3
+    """How many times the gang may be restarted after failures before the job stops."""
+    failure_grace_s: float = 1.0
+    """After the first worker fails, how long to collect other ranks' outcomes before
+    deciding: a SIGKILLed rank makes its peers fail within about a second, and the root
+    cause should win over those echoes."""
+    worker_start_timeout_s: float = 120.0
+    """How long starting the workers and forming their process group may take."""
+    collective_timeout_s: float = 300.0
+    """torch.distributed timeout for one collective; bounds how long a dead peer can block."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_restarts >= 0, "failure.max_restarts", "it must be >= 0",
+                 self.max_restarts)
+        for key in ("failure_grace_s", "worker_start_timeout_s", "collective_timeout_s"):
+            value = getattr(self, key)
+            _require(value > 0, f"failure.{key}", "it must be > 0", value)
+
+
+@dataclass(kw_only=True, frozen=True)
+class ChaosPoint:
+    rank: int
+    """Rank whose worker process is killed."""
+    step: int
+    """Training step at which it is killed."""
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 0, "chaos.*.rank", "it must be >= 0", self.rank)
+        _require(self.step >= 1, "chaos.*.step", "it must be >= 1", self.step)
+
+
+@dataclass(kw_only=True, frozen=True)
+class ChaosConfig:
+    kill: list[ChaosPoint] = field(default_factory=list)
+    """SIGKILL rank R's worker when it finishes step S. Each entry fires once per run."""
+    kill_during_save: list[ChaosPoint] = field(default_factory=list)
+    """SIGKILL rank R's worker during step S's save, after its shards are written and before
+    the commit. Each entry fires once per run."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    failure: FailureConfig = field(default_factory=FailureConfig)
+    chaos: ChaosConfig = field(default_factory=ChaosConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("kill", "kill_during_save"):
+            for point in getattr(self.chaos, name):
+                _require(point.rank < self.scaling.num_workers, f"chaos.{name}.rank",
+                         f"ranks run from 0 to {self.scaling.num_workers - 1}", point.rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
+    """Read a YAML file (or start from defaults), apply `section.key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        _apply_override(raw, item)
+    return from_dict(JobConfig, raw)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: write it as section.key=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: the value is not valid YAML") from e
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from plain data, refusing unknown keys and wrong types."""
+    where = prefix or "the config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(f"unknown key '{key}'; allowed here: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _convert(hints[name], value, key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _convert(item, v, f"{key}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (
+        not isinstance(value, hint) or (hint is not bool and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value

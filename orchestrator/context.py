@@ -1,0 +1,137 @@
+"""The API a workload sees: `train(ctx: TrainContext)`.
+
+A workload builds its model, calls `ctx.restore(state)` once, trains from the step it returns,
+calls `ctx.report(step, ...)` after every step and `ctx.save_checkpoint(...)` when
+`ctx.checkpoint_due(step)` (and at its last step). Everything else -- process groups, storage,
+the commit protocol, fault injection -- is the orchestrator's business.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+from orchestrator.chaos import FaultInjector
+from orchestrator.checkpoint.manager import CheckpointManager
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a worker last told the world: read by the driver from another thread."""
+
+    step: int = 0
+    time: float = field(default_factory=time.time)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Reporter:
+    """Buffers progress, step times and events until the driver polls them (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.progress = Progress()
+        self._step_times: list[tuple[int, float]] = []
+        self._events: list[dict[str, Any]] = []
+
+    def step_done(self, step: int, duration_s: float, metrics: dict[str, float]) -> None:
+        with self._lock:
+            self.progress = Progress(step=step, metrics=metrics)
+            self._step_times.append((step, duration_s))
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        with self._lock:
+            self._events.append({"kind": kind, "worker_time": round(time.time(), 3), **fields})
+
+    def drain(self) -> tuple[Progress, list[tuple[int, float]], list[dict[str, Any]]]:
+        with self._lock:
+            out = (self.progress, self._step_times, self._events)
+            self._step_times, self._events = [], []
+            return out
+
+
+class TrainState(Stateful):
+    """Model, optimizer, LR scheduler, step and data position as one DCP-saveable object.
+
+    Uses torch's distributed state-dict API, so the same code serves DDP and FSDP2 and the
+    saved tensors reshard on load at another world size or parallelism.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Any = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.step = 0
+        self.data_position = 0
+        """How far the data stream has been consumed (the workload decides the unit)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {
+            "model": model_sd,
+            "optimizer": optim_sd,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "step": self.step,
+            "data_position": self.data_position,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.data_position = state["data_position"]
+
+
+class TrainContext:
+    def __init__(self, *, rank: int, world_size: int, local_rank: int, device: torch.device,
+                 args: dict[str, Any], attempt: int, checkpoint_interval_steps: int,
+                 restore_candidates: list[int], checkpoints: CheckpointManager,
+                 faults: FaultInjector, reporter: Reporter) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.local_rank = local_rank
+        self.device = device
+        self.args = dict(args)
+        self.attempt = attempt
+        """0 for the first run of the gang, then 1, 2, ... after each restart."""
+        self._interval_steps = checkpoint_interval_steps
+        self._candidates = restore_candidates
+        self._checkpoints = checkpoints
+        self._faults = faults
+        self._reporter = reporter
+        self._last_report = time.monotonic()
+
+    def restore(self, state: dict[str, Any]) -> int:
+        """Load the latest committed checkpoint into `state`; return its step (0: fresh start).
+
+        Collective: call once on every rank, before training.
+        """
+        step = self._checkpoints.restore(state, self._candidates)
+        self._last_report = time.monotonic()
+        return step
+
+    def checkpoint_due(self, step: int) -> bool:
+        return step % self._interval_steps == 0
+
+    def save_checkpoint(self, step: int, state: dict[str, Any],
+                        metrics: dict[str, float] | None = None) -> None:
+        """Save and commit the checkpoint of `step`. Collective: every rank calls it."""
+        self._checkpoints.save(step, state, metrics or {})
+        # A save's time is not the next step's: restart the step clock.
+        self._last_report = time.monotonic()
+
+    def report(self, step: int, **metrics: float) -> None:
+        """Publish that `step` is done, with its metrics. Call on every rank after each step."""
+        now = time.monotonic()
+        self._reporter.step_done(step, now - self._last_report,
+                                 {k: float(v) for k, v in metrics.items()})
+        self._last_report = now
+        self._faults.on_step_end(step)

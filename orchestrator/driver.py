@@ -1,0 +1,239 @@
+"""The control loop: an explicit state machine over a WorkerGroup.
+
+    STARTING -> RUNNING -> SUCCEEDED
+                   |
+                   +--> (failure) -> RECOVERING -> STARTING -> RUNNING ...
+                   +--> (policy says stop) -> FAILED
+
+`run()` is `while not state.terminal: step()`; every transition goes through `_set_state`,
+the one place that logs it. The driver keeps nothing that is not in storage: checkpoints,
+fired faults and the event log all live there, so a new driver on the same run resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from orchestrator.chaos import pending_faults
+from orchestrator.checkpoint.commit import committed_checkpoints
+from orchestrator.checkpoint.layout import RunLayout
+from orchestrator.config import JobConfig
+from orchestrator.errors import PlacementError
+from orchestrator.events import EventLog, Goodput
+from orchestrator.failures import (Action, Failure, FailureKind, RankResult, classify, decide,
+                                   describe)
+from orchestrator.messages import AttemptSpec, WorkerReport
+from orchestrator.worker_group import WorkerGroup, WorkerStartError
+
+log = logging.getLogger("orchestrator.driver")
+
+POLL_INTERVAL_S = 0.25
+"""How often RUNNING checks the gang. A death surfaces on the run refs at once; this only
+bounds how stale progress and events in the log may be."""
+
+
+# --- states: one class each, holding only its own data -----------------------------------
+
+
+@dataclass(frozen=True)
+class Starting:
+    attempt: int
+    terminal = False
+
+
+@dataclass(frozen=True)
+class Running:
+    attempt: int
+    results: dict[int, RankResult] = field(default_factory=dict)
+    """Ranks whose attempt has ended (successfully, so far)."""
+    terminal = False
+
+
+@dataclass(frozen=True)
+class Recovering:
+    attempt: int
+    terminal = False
+
+
+@dataclass(frozen=True)
+class Succeeded:
+    terminal = True
+
+
+@dataclass(frozen=True)
+class Failed:
+    reason: str
+    terminal = True
+
+
+State = Starting | Running | Recovering | Succeeded | Failed
+
+
+@dataclass(frozen=True)
+class JobResult:
+    succeeded: bool
+    message: str
+    summary: dict
+
+
+class Driver:
+    def __init__(self, config: JobConfig, group: WorkerGroup, layout: RunLayout,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._config = config
+        self._group = group
+        self._layout = layout
+        self._clock = clock
+        self.events = EventLog(layout, clock)
+        self.state: State = Starting(attempt=0)
+        self.incidents: list[list[Failure]] = []
+        self._goodput = Goodput(started_at=clock())
+        self._last_step: dict[int, int] = {}
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def run(self) -> JobResult:
+        resumed = bool(self.events.events("job_start"))
+        self.events.emit("job_start", run=self._config.run.name, resumed=resumed,
+                         config=self._config.to_dict())
+        if resumed:
+            self.events.emit("driver_resumed")
+        try:
+            while not self.state.terminal:
+                self.step()
+        finally:
+            self._group.shutdown()
+        return self._finish()
+
+    def step(self) -> None:
+        """Carry out the current state once, possibly moving to the next."""
+        handler = {Starting: self._start, Running: self._watch, Recovering: self._recover}
+        handler[type(self.state)](self.state)
+
+    def _set_state(self, new: State) -> None:
+        log.info("%s -> %s", type(self.state).__name__, type(new).__name__)
+        self.events.emit("state", prev=type(self.state).__name__.upper(),
+                         next=type(new).__name__.upper())
+        self.state = new
+
+    # --- STARTING --------------------------------------------------------------------------
+
+    def _start(self, state: Starting) -> None:
+        candidates, rejected = committed_checkpoints(self._layout)
+        for r in rejected:
+            self.events.emit("checkpoint_invalid", step=r.step, problems=[r.reason])
+        from_step = candidates[0].step if candidates else 0
+        if state.attempt > 0:
+            self.events.emit("restart", attempt=state.attempt, from_step=from_step)
+            self._goodput.record_restore(from_step)
+        try:
+            infos = self._group.start()
+        except PlacementError as e:
+            self._set_state(Failed(reason=str(e)))
+            return
+        except WorkerStartError as e:
+            self._on_incident(state.attempt, [Failure(
+                kind=FailureKind.START_FAILED, rank=-1, step=from_step, message=str(e),
+                attempt=state.attempt)])
+            return
+        self.events.emit("workers_started", attempt=state.attempt,
+                         workers=[{"rank": r, "node_id": i.node_id, "pid": i.pid}
+                                  for r, i in enumerate(infos)])
+        cfg = self._config
+        self._group.launch(AttemptSpec(
+            attempt=state.attempt, entrypoint=cfg.workload.entrypoint, args=cfg.workload.args,
+            storage_url=cfg.run.storage_url, run_name=cfg.run.name,
+            parallelism=str(cfg.workload.args.get("parallelism", "ddp")),
+            checkpoint_interval_steps=cfg.checkpoint.interval_steps,
+            restore_candidates=[c.step for c in candidates],
+            faults=pending_faults(cfg.chaos, self._layout)))
+        self._set_state(Running(attempt=state.attempt))
+
+    # --- RUNNING ---------------------------------------------------------------------------
+
+    def _watch(self, state: Running) -> None:
+        results = dict(state.results)
+        for r in self._group.wait(POLL_INTERVAL_S):
+            results[r.rank] = r
+        self._absorb(self._group.poll(POLL_INTERVAL_S))
+        if any(not r.ok for r in results.values()):
+            # Give the root cause a moment to surface before deciding: a killed rank's peers
+            # fail about a second later with echo errors, and vice versa.
+            deadline = time.monotonic() + self._config.failure.failure_grace_s
+            while len(results) < self._config.scaling.num_workers and time.monotonic() < deadline:
+                for r in self._group.wait(max(deadline - time.monotonic(), 0.01)):
+                    results[r.rank] = r
+            self._absorb(self._group.poll(POLL_INTERVAL_S))
+            self._on_incident(state.attempt, classify(self._with_known_steps(results),
+                                                      state.attempt))
+        elif len(results) == self._config.scaling.num_workers:
+            self._set_state(Succeeded())
+        else:
+            self.state = Running(attempt=state.attempt, results=results)
+
+    def _with_known_steps(self, results: dict[int, RankResult]) -> list[RankResult]:
+        """A dead rank cannot say where it was. The gang moves in lockstep, so the furthest
+        step any rank is known to have reached is where the dead one died."""
+        known = [r.step for r in results.values()] + list(self._last_step.values())
+        gang_step = max(known, default=0)
+        self._goodput.record_reached(gang_step)
+        return [replace(r, step=gang_step) if r.step < 0 else r for r in results.values()]
+
+    def _absorb(self, reports: list[WorkerReport]) -> None:
+        for report in reports:
+            self._last_step[report.rank] = max(self._last_step.get(report.rank, 0), report.step)
+            for event in report.events:
+                kind = event.pop("kind")
+                self.events.emit(kind, rank=report.rank, **event)
+                if kind == "checkpoint_restored" and report.rank == 0:
+                    self._goodput.record_restore(event["step"])
+            if report.rank == 0:
+                for step, duration_s in report.step_durations:
+                    self._goodput.record_step(step, duration_s)
+
+    def _on_incident(self, attempt: int, failures: list[Failure]) -> None:
+        self.incidents.append(failures)
+        for f in failures:
+            self.events.emit("failure", **f.to_event())
+        decision = decide(self.incidents, self._config.failure)
+        log.warning("attempt %d failed: %s -> %s", attempt, decision.reason,
+                    decision.action.value)
+        self.events.emit("decision", action=decision.action.value, reason=decision.reason)
+        if decision.action is Action.STOP:
+            self._set_state(Failed(reason=self._stop_message(decision.reason)))
+        else:
+            self._set_state(Recovering(attempt=attempt))
+
+    def _stop_message(self, reason: str) -> str:
+        lines = [f"job stopped: {reason}", "failures:"]
+        lines += [f"  attempt {fs[0].attempt}: {describe(fs)}" for fs in self.incidents]
+        return "\n".join(lines)
+
+    # --- RECOVERING ------------------------------------------------------------------------
+
+    def _recover(self, state: Recovering) -> None:
+        self._group.shutdown()
+        self._set_state(Starting(attempt=state.attempt + 1))
+
+    # --- the end ---------------------------------------------------------------------------
+
+    def _finish(self) -> JobResult:
+        succeeded = isinstance(self.state, Succeeded)
+        candidates, _ = committed_checkpoints(self._layout)
+        summary = {
+            "status": "succeeded" if succeeded else "failed",
+            **self._goodput.summary(self._clock()),
+            "restarts": sum(1 for e in self.events.events("restart")),
+            "failures": [f.to_event() for fs in self.incidents for f in fs],
+            "final_checkpoint_step": candidates[0].step if candidates else None,
+        }
+        message = "job succeeded" if succeeded else self.state.reason
+        if not succeeded:
+            summary["error"] = message
+        self._layout.storage.write_atomic(
+            json.dumps(summary, indent=1).encode(), *self._layout.summary)
+        self.events.emit("job_end", status=summary["status"], message=message.splitlines()[0])
+        return JobResult(succeeded=succeeded, message=message, summary=summary)

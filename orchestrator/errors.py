@@ -1,0 +1,31 @@
+"""One exception hierarchy for everything the orchestrator raises at its edges.
+
+Each class names the scenario it stands for; each message names the setting to change.
+"""
+
+
+class OrchestratorError(Exception):
+    """Base of every error the orchestrator raises on purpose."""
+
+
+class ConfigError(OrchestratorError, ValueError):
+    """The job's configuration is wrong: an unknown key, a value of the wrong type or range.
+
+    Raised before anything starts; the CLI turns it into exit code 2 and one line.
+    """
+
+
+class StorageError(OrchestratorError):
+    """The run's storage cannot be read or written (missing bucket, no permission, full disk)."""
+
+
+class CheckpointError(OrchestratorError):
+    """A checkpoint cannot be written or restored (already committed step, no valid checkpoint)."""
+
+
+class PlacementError(OrchestratorError):
+    """The cluster cannot place the worker gang within `scaling.placement_timeout_s`."""
+
+
+class JobFailed(OrchestratorError):
+    """The job stopped for good: the failure policy said STOP. The message lists the failures."""

@@ -1,0 +1,83 @@
+"""What the driver and the workers say to each other: plain, picklable, frozen data."""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.chaos import Fault
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    node_id: str
+    node_ip: str
+    pid: int
+    gpu_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """How the gang forms its torch.distributed process group."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    backend: str
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class AttemptSpec:
+    """Everything a worker needs to run one attempt of the job."""
+
+    attempt: int
+    entrypoint: str
+    args: dict[str, Any]
+    storage_url: str
+    run_name: str
+    parallelism: str
+    checkpoint_interval_steps: int
+    restore_candidates: list[int]
+    """Committed steps, newest first; the first that verifies is restored."""
+    faults: list[Fault] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    type: str
+    message: str
+    traceback: str
+
+    @staticmethod
+    def from_exception(e: BaseException) -> "ErrorInfo":
+        return ErrorInfo(type=type(e).__name__, message=str(e).strip()[:2000],
+                         traceback="".join(traceback.format_exception(e))[-20000:])
+
+
+@dataclass(frozen=True)
+class WorkerOutcome:
+    """The return value of a worker's run(): it finished, or the workload raised."""
+
+    rank: int
+    step: int
+    error: ErrorInfo | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """What a poll of a live worker returns: progress, step times, events since last poll."""
+
+    rank: int
+    step: int
+    step_time: float
+    metrics: dict[str, float]
+    step_durations: list[tuple[int, float]]
+    events: list[dict[str, Any]]

@@ -1,0 +1,1 @@
+"""Training programs written against the orchestrator's TrainContext API."""

@@ -1,0 +1,81 @@
+"""What every workload shares: argument validation, wrapping for DDP/FSDP2, the step loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from orchestrator.context import TrainContext, TrainState
+
+
+def parse_args(cls: type, args: dict[str, Any]) -> Any:
+    """Build the workload's args dataclass; unknown names and wrong types are a ValueError."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(args) - names)
+    if unknown:
+        raise ValueError(f"workload.args.{unknown[0]} is not an argument of this workload; "
+                         f"allowed: {', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)
+    accepted = {int: (int,), float: (int, float), str: (str,)}
+    for name, value in args.items():
+        kinds = accepted.get(hints[name])
+        if kinds and (not isinstance(value, kinds) or isinstance(value, bool)):
+            raise ValueError(f"workload.args.{name}: expected {hints[name].__name__}, "
+                             f"got {value!r}")
+    return cls(**args)
+
+
+def wrap_for_parallelism(model: torch.nn.Module, shard_units: list[torch.nn.Module],
+                         parallelism: str, device: torch.device) -> torch.nn.Module:
+    """DDP, or FSDP2 with each of `shard_units` (e.g. transformer blocks) sharded on its own
+    and then the root, so parameters are gathered one unit at a time."""
+    if parallelism == "fsdp":
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for unit in shard_units:
+            fully_shard(unit, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    if parallelism == "ddp":
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    raise ValueError(f"workload.args.parallelism: {parallelism!r}; use 'ddp' or 'fsdp'")
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = max(steps // 10, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(steps - warmup, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def global_mean(value: torch.Tensor) -> float:
+    """Mean of a scalar over all ranks (a sync point, once per step)."""
+    t = value.detach().float().reshape(1).clone()
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def train_loop(ctx: TrainContext, state: TrainState, steps: int,
+               step_fn: Callable[[int], float], samples_per_step: int) -> None:
+    """Restore, then run `step_fn(step) -> loss` for each remaining step, reporting every step
+    and checkpointing when due and at the last step."""
+    start = ctx.restore({"train": state})
+    for step in range(start + 1, steps + 1):
+        loss = step_fn(step)
+        state.step = step
+        state.data_position += samples_per_step
+        ctx.report(step, loss=loss)
+        if ctx.checkpoint_due(step) or step == steps:
+            ctx.save_checkpoint(step, {"train": state}, metrics={"loss": loss})

@@ -1,0 +1,131 @@
+"""A small GPT-style language model trained on synthetic token streams.
+
+    workload: {entrypoint: "workloads.gpt:train", args: {steps: 40, parallelism: fsdp}}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
+                                                                         checkpoint_wrapper)
+
+from orchestrator.context import TrainContext, TrainState
+from workloads.common import global_mean, parse_args, train_loop, warmup_cosine, wrap_for_parallelism
+from workloads.data import token_batch
+
+
+@dataclass(kw_only=True)
+class GPTArgs:
+    steps: int = 40
+    seed: int = 0
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    seq_len: int = 64
+    batch_size: int = 8
+    """Global batch (sequences per step over all ranks); split evenly among the ranks."""
+    vocab_size: int = 64
+    lr: float = 3e-3
+    dropout: float = 0.0
+    parallelism: str = "ddp"
+    """'ddp' or 'fsdp' (FSDP2, fully_shard per block)."""
+    activation_checkpointing: str = "none"
+    """'none', or 'full': every transformer block recomputes its activations in backward."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "n_layer", "n_embd", "n_head", "seq_len", "batch_size", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"workload.args.{name} must be >= 1")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"workload.args.n_embd={self.n_embd} must be divisible by "
+                             f"n_head={self.n_head}")
+        if self.activation_checkpointing not in ("none", "full"):
+            raise ValueError(f"workload.args.activation_checkpointing: "
+                             f"{self.activation_checkpointing!r}; use 'none' or 'full'")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, a: GPTArgs) -> None:
+        super().__init__()
+        self.n_head = a.n_head
+        self.qkv = nn.Linear(a.n_embd, 3 * a.n_embd)
+        self.proj = nn.Linear(a.n_embd, a.n_embd)
+        self.dropout = a.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class Block(nn.Module):
+    def __init__(self, a: GPTArgs) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(a.n_embd)
+        self.attn = CausalSelfAttention(a)
+        self.ln2 = nn.LayerNorm(a.n_embd)
+        self.mlp = nn.Sequential(nn.Linear(a.n_embd, 4 * a.n_embd), nn.GELU(),
+                                 nn.Linear(4 * a.n_embd, a.n_embd), nn.Dropout(a.dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, a: GPTArgs) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(a.vocab_size, a.n_embd)
+        self.wpe = nn.Embedding(a.seq_len, a.n_embd)
+        self.blocks = nn.ModuleList(Block(a) for _ in range(a.n_layer))
+        self.ln_f = nn.LayerNorm(a.n_embd)
+        self.head = nn.Linear(a.n_embd, a.vocab_size, bias=False)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def parallelize(model: GPT, a: GPTArgs, device: torch.device) -> nn.Module:
+    """Activation checkpointing first, then DDP/FSDP2 (torchtitan's order): the checkpoint
+    wrapper must sit inside the FSDP unit so that recomputation happens while that block's
+    parameters are gathered."""
+    if a.activation_checkpointing == "full":
+        for i, block in enumerate(model.blocks):
+            model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    return wrap_for_parallelism(model, list(model.blocks), a.parallelism, device)
+
+
+def build(a: GPTArgs, device: torch.device) -> tuple[nn.Module, TrainState]:
+    torch.manual_seed(a.seed)  # every rank starts from the same weights
+    model = parallelize(GPT(a).to(device), a, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1)
+    return model, TrainState(model, optimizer, warmup_cosine(optimizer, a.steps))
+
+
+def train(ctx: TrainContext) -> None:
+    a = parse_args(GPTArgs, ctx.args)
+    model, state = build(a, ctx.device)
+
+    def step_fn(step: int) -> float:
+        x, y = token_batch(a.seed, state.data_position, a.batch_size, ctx.rank,
+                           ctx.world_size, a.seq_len, a.vocab_size)
+        loss = model(x.to(ctx.device), y.to(ctx.device))
+        loss.backward()
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scheduler.step()
+        return global_mean(loss)
+
+    train_loop(ctx, state, a.steps, step_fn, samples_per_step=a.batch_size)

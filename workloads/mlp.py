@@ -1,0 +1,64 @@
+"""A tiny MLP regression, for fast tests of the orchestrator itself.
+
+`raise_at_step` makes the workload raise a RuntimeError at that step, on the attempts listed in
+`raise_on_attempts` (all attempts when empty): a stand-in for a bug in user code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from orchestrator.context import TrainContext, TrainState
+from workloads.common import global_mean, parse_args, train_loop, warmup_cosine, wrap_for_parallelism
+
+
+@dataclass(kw_only=True)
+class MLPArgs:
+    steps: int = 20
+    seed: int = 0
+    width: int = 32
+    batch_size: int = 16
+    """Global batch over all ranks; split evenly among them."""
+    lr: float = 1e-2
+    parallelism: str = "ddp"
+    step_time_s: float = 0.0
+    """Extra sleep per step, to make a tiny model behave like a slower one in tests."""
+    raise_at_step: int = 0
+    raise_on_attempts: list[int] = field(default_factory=list)
+
+
+def batch(seed: int, position: int, global_batch: int, rank: int, world_size: int):
+    per_rank = global_batch // world_size
+    g = torch.Generator().manual_seed(seed * 7919 + position + rank * per_rank)
+    x = torch.randn(per_rank, 8, generator=g)
+    return x, x.sum(dim=1, keepdim=True).sin()
+
+
+def train(ctx: TrainContext) -> None:
+    a = parse_args(MLPArgs, ctx.args)
+    torch.manual_seed(a.seed)
+    layers = [nn.Linear(8, a.width), nn.Tanh(), nn.Linear(a.width, a.width), nn.Tanh(),
+              nn.Linear(a.width, 1)]
+    model = wrap_for_parallelism(nn.Sequential(*layers).to(ctx.device), [], a.parallelism,
+                                 ctx.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr)
+    state = TrainState(model, optimizer, warmup_cosine(optimizer, a.steps))
+
+    def step_fn(step: int) -> float:
+        if step == a.raise_at_step and (not a.raise_on_attempts or ctx.attempt in a.raise_on_attempts):
+            raise RuntimeError(f"injected bug at step {step} on rank {ctx.rank}")
+        x, y = batch(a.seed, state.data_position, a.batch_size, ctx.rank, ctx.world_size)
+        loss = nn.functional.mse_loss(model(x.to(ctx.device)), y.to(ctx.device))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.scheduler.step()
+        if a.step_time_s:
+            import time
+            time.sleep(a.step_time_s)
+        return global_mean(loss)
+
+    train_loop(ctx, state, a.steps, step_fn, samples_per_step=a.batch_size)
