@@ -14,7 +14,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (Checkpo
                                                                          checkpoint_wrapper)
 
 from orchestrator.context import TrainContext, TrainState
-from workloads.common import global_mean, parse_args, train_loop, warmup_cosine, wrap_for_parallelism
+from workloads.common import global_mean, parse_args, seed_everything, train_loop, warmup_cosine, wrap_for_parallelism
 from workloads.data import token_batch
 
 
@@ -108,7 +108,7 @@ def parallelize(model: GPT, a: GPTArgs, device: torch.device) -> nn.Module:
 
 
 def build(a: GPTArgs, device: torch.device) -> tuple[nn.Module, TrainState]:
-    torch.manual_seed(a.seed)  # every rank starts from the same weights
+    seed_everything(a.seed)
     model = parallelize(GPT(a).to(device), a, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1)
     return model, TrainState(model, optimizer, warmup_cosine(optimizer, a.steps))

@@ -1,18 +1,20 @@
 """A tiny MLP regression, for fast tests of the orchestrator itself.
 
-`raise_at_step` makes the workload raise a RuntimeError at that step, on the attempts listed in
-`raise_on_attempts` (all attempts when empty): a stand-in for a bug in user code.
+`raise_at_step` makes the workload raise a RuntimeError at that step, on the ranks listed in
+`raise_on_ranks` and the attempts listed in `raise_on_attempts` (all when empty): a stand-in
+for a bug in user code.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from orchestrator.context import TrainContext, TrainState
-from workloads.common import global_mean, parse_args, train_loop, warmup_cosine, wrap_for_parallelism
+from workloads.common import global_mean, parse_args, seed_everything, train_loop, warmup_cosine, wrap_for_parallelism
 
 
 @dataclass(kw_only=True)
@@ -27,6 +29,7 @@ class MLPArgs:
     step_time_s: float = 0.0
     """Extra sleep per step, to make a tiny model behave like a slower one in tests."""
     raise_at_step: int = 0
+    raise_on_ranks: list[int] = field(default_factory=list)
     raise_on_attempts: list[int] = field(default_factory=list)
 
 
@@ -39,7 +42,7 @@ def batch(seed: int, position: int, global_batch: int, rank: int, world_size: in
 
 def train(ctx: TrainContext) -> None:
     a = parse_args(MLPArgs, ctx.args)
-    torch.manual_seed(a.seed)
+    seed_everything(a.seed)
     layers = [nn.Linear(8, a.width), nn.Tanh(), nn.Linear(a.width, a.width), nn.Tanh(),
               nn.Linear(a.width, 1)]
     model = wrap_for_parallelism(nn.Sequential(*layers).to(ctx.device), [], a.parallelism,
@@ -48,8 +51,9 @@ def train(ctx: TrainContext) -> None:
     state = TrainState(model, optimizer, warmup_cosine(optimizer, a.steps))
 
     def step_fn(step: int) -> float:
-        if step == a.raise_at_step and (not a.raise_on_attempts or ctx.attempt in a.raise_on_attempts):
-            raise RuntimeError(f"injected bug at step {step} on rank {ctx.rank}")
+        if (step == a.raise_at_step and (not a.raise_on_ranks or ctx.rank in a.raise_on_ranks)
+                and (not a.raise_on_attempts or ctx.attempt in a.raise_on_attempts)):
+            raise RuntimeError(f"injected bug at step {step}")
         x, y = batch(a.seed, state.data_position, a.batch_size, ctx.rank, ctx.world_size)
         loss = nn.functional.mse_loss(model(x.to(ctx.device)), y.to(ctx.device))
         loss.backward()
@@ -57,7 +61,6 @@ def train(ctx: TrainContext) -> None:
         optimizer.zero_grad(set_to_none=True)
         state.scheduler.step()
         if a.step_time_s:
-            import time
             time.sleep(a.step_time_s)
         return global_mean(loss)
 
