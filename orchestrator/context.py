@@ -36,19 +36,19 @@ class Reporter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.progress = Progress()
-        self._step_times: list[tuple[int, float]] = []
+        self._step_times: list[tuple[int, float, float]] = []
         self._events: list[dict[str, Any]] = []
 
     def step_done(self, step: int, duration_s: float, metrics: dict[str, float]) -> None:
         with self._lock:
             self.progress = Progress(step=step, metrics=metrics)
-            self._step_times.append((step, duration_s))
+            self._step_times.append((step, duration_s, self.progress.time))
 
     def emit(self, kind: str, **fields: Any) -> None:
         with self._lock:
             self._events.append({"kind": kind, "worker_time": round(time.time(), 3), **fields})
 
-    def drain(self) -> tuple[Progress, list[tuple[int, float]], list[dict[str, Any]]]:
+    def drain(self) -> tuple[Progress, list[tuple[int, float, float]], list[dict[str, Any]]]:
         with self._lock:
             out = (self.progress, self._step_times, self._events)
             self._step_times, self._events = [], []

@@ -92,6 +92,9 @@ class Driver:
         self.incidents: list[list[Failure]] = []
         self._goodput = Goodput(started_at=clock())
         self._last_step: dict[int, int] = {}
+        self._awaiting_first_step = False
+        """Whether this attempt's first finished step is still to be logged (the end of a
+        recovery, as far as users are concerned)."""
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -150,6 +153,7 @@ class Driver:
             checkpoint_interval_steps=cfg.checkpoint.interval_steps,
             restore_candidates=[c.step for c in candidates],
             faults=pending_faults(cfg.chaos, self._layout)))
+        self._awaiting_first_step = True
         self._set_state(Running(attempt=state.attempt))
 
     # --- RUNNING ---------------------------------------------------------------------------
@@ -191,8 +195,13 @@ class Driver:
                 if kind == "checkpoint_restored" and report.rank == 0:
                     self._goodput.record_restore(event["step"])
             if report.rank == 0:
-                for step, duration_s in report.step_durations:
+                for step, duration_s, _ in report.step_durations:
                     self._goodput.record_step(step, duration_s)
+                if report.step_durations and self._awaiting_first_step:
+                    self._awaiting_first_step = False
+                    step, _, end_time = report.step_durations[0]
+                    self.events.emit("first_step", attempt=self.state.attempt, step=step,
+                                     step_end_time=round(end_time, 3))
 
     def _on_incident(self, attempt: int, failures: list[Failure]) -> None:
         self.incidents.append(failures)

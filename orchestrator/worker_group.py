@@ -105,8 +105,11 @@ class RayWorkerGroup:
     def wait(self, timeout_s: float) -> list[RankResult]:
         if not self._pending:
             return []
-        ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending),
-                            timeout=timeout_s)
+        refs = list(self._pending)
+        # Return as soon as any rank ends, then take every other one already ended too.
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout_s)
+        if ready:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         return [self._result(ref, self._pending.pop(ref)) for ref in ready]
 
     def _result(self, ref, rank: int) -> RankResult:

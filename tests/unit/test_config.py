@@ -1,0 +1,76 @@
+import pytest
+
+from orchestrator.config import JobConfig, load_config
+from orchestrator.errors import ConfigError
+
+ISSUE_EXAMPLE = """
+run:        {name: demo, storage: ./runs}
+workload:   {entrypoint: "workloads.gpt:train", args: {steps: 40, seed: 0}}
+scaling:    {num_workers: 2, resources_per_worker: {CPU: 1}}
+checkpoint: {interval_steps: 5}
+failure:    {max_restarts: 3}
+chaos:      {kill: [{rank: 1, step: 12}], kill_during_save: [{rank: 0, step: 20}]}
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_documented_example_loads_into_typed_sections(tmp_path):
+    config = load_config(write(tmp_path, ISSUE_EXAMPLE))
+    assert isinstance(config, JobConfig)
+    assert config.scaling.num_workers == 2 and config.scaling.resources_per_worker == {"CPU": 1.0}
+    assert config.chaos.kill[0].rank == 1 and config.chaos.kill[0].step == 12
+    assert config.chaos.kill_during_save[0].step == 20
+    assert config.workload.args == {"steps": 40, "seed": 0}
+
+
+def test_set_overrides_nested_keys_with_yaml_values(tmp_path):
+    config = load_config(write(tmp_path, ISSUE_EXAMPLE), [
+        "scaling.num_workers=4", "workload.args.parallelism=fsdp", "chaos.kill=[]",
+        "failure.failure_grace_s=2"])
+    assert config.scaling.num_workers == 4
+    assert config.workload.args["parallelism"] == "fsdp"
+    assert config.chaos.kill == []
+    assert config.failure.failure_grace_s == 2.0
+
+
+@pytest.mark.parametrize("text, overrides, names", [
+    (ISSUE_EXAMPLE, ["scaling.num_wokers=2"], "scaling.num_wokers"),
+    ("runn: {name: x}", [], "runn"),
+    (ISSUE_EXAMPLE, ["scaling.num_workers=0"], "scaling.num_workers"),
+    (ISSUE_EXAMPLE, ["scaling.num_workers=two"], "scaling.num_workers"),
+    (ISSUE_EXAMPLE, ["run.storage=ftp://host/x"], "run.storage"),
+    (ISSUE_EXAMPLE, ["run.name=a/b"], "run.name"),
+    (ISSUE_EXAMPLE, ["checkpoint.interval_steps=0"], "checkpoint.interval_steps"),
+    (ISSUE_EXAMPLE, ["failure.max_restarts=-1"], "failure.max_restarts"),
+    (ISSUE_EXAMPLE, ["chaos.kill=[{rank: 5, step: 3}]"], "chaos.kill.rank"),
+    (ISSUE_EXAMPLE, ["chaos.kill=[{rank: 1}]"], "chaos.kill[0]"),
+    (ISSUE_EXAMPLE, ["workload.entrypoint=no_such_module:train"], "workload.entrypoint"),
+    (ISSUE_EXAMPLE, ["workload.entrypoint=workloads.gpt"], "workload.entrypoint"),
+    (ISSUE_EXAMPLE, ["scaling.placement_strategy=RANDOM"], "scaling.placement_strategy"),
+])
+def test_bad_config_is_one_line_naming_the_key(tmp_path, text, overrides, names):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), overrides)
+    message = str(info.value)
+    assert names in message
+    assert "\n" not in message
+
+
+def test_unknown_key_message_lists_what_is_allowed(tmp_path):
+    with pytest.raises(ConfigError, match="allowed here: num_workers, resources_per_worker"):
+        load_config(write(tmp_path, ISSUE_EXAMPLE), ["scaling.gpus=1"])
+
+
+def test_storage_urls_of_known_schemes_are_accepted(tmp_path):
+    for url in ("s3://bucket/prefix", "file:///tmp/x", "memory://runs", "relative/dir"):
+        assert load_config(write(tmp_path, ISSUE_EXAMPLE), [f"run.storage={url}"])
+
+
+def test_local_storage_is_made_absolute(tmp_path):
+    config = load_config(write(tmp_path, ISSUE_EXAMPLE), ["run.storage=rel"])
+    assert config.run.storage_url.startswith("/")

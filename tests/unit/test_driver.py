@@ -1,0 +1,200 @@
+"""The driver's state machine, stepped one transition at a time against a fake worker group.
+
+No Ray here: the fake scripts what each attempt's ranks do. Storage is in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from orchestrator.checkpoint import commit
+from orchestrator.checkpoint.layout import RunLayout
+from orchestrator.checkpoint.manifest import FileEntry, Manifest
+from orchestrator.checkpoint.storage import Storage
+from orchestrator.driver import Driver, Failed, Recovering, Running, Starting, Succeeded
+from orchestrator.errors import PlacementError
+from orchestrator.failures import RankResult
+from orchestrator.messages import WorkerInfo, WorkerReport
+from orchestrator.worker_group import WorkerStartError
+from tests.helpers import make_config
+
+
+class FakeGroup:
+    """Each attempt is a list of batches that successive wait() calls return."""
+
+    def __init__(self, attempts: list[list[list[RankResult]]], start_errors=None) -> None:
+        self.attempts = attempts
+        self.start_errors = list(start_errors or [])
+        self.launched = []
+        self.reports: list[WorkerReport] = []
+        self.shutdowns = 0
+        self._batches: list[list[RankResult]] = []
+
+    def start(self):
+        if self.start_errors:
+            error = self.start_errors.pop(0)
+            if error:
+                raise error
+        return [WorkerInfo(node_id="n", node_ip="127.0.0.1", pid=100 + r) for r in range(2)]
+
+    def launch(self, spec):
+        self.launched.append(spec)
+        self._batches = list(self.attempts[len(self.launched) - 1])
+
+    def wait(self, timeout_s):
+        return self._batches.pop(0) if self._batches else []
+
+    def poll(self, timeout_s):
+        reports, self.reports = self.reports, []
+        return reports
+
+    def shutdown(self):
+        self.shutdowns += 1
+
+
+def ok(rank, step=20):
+    return RankResult(rank=rank, step=step, ok=True)
+
+
+def died(rank):
+    return RankResult(rank=rank, step=-1, ok=False, died=True, message="actor died")
+
+
+def raised(rank, step=12):
+    return RankResult(rank=rank, step=step, ok=False, message="ValueError: bad", traceback="tb")
+
+
+@pytest.fixture
+def layout():
+    return RunLayout(Storage(f"memory://driver-{uuid.uuid4().hex}"), "run")
+
+
+def config_for(layout, **failure):
+    return make_config(layout.storage.url, "run", failure={"failure_grace_s": 0.01, **failure},
+                       chaos={"kill": [{"rank": 1, "step": 12}]})
+
+
+def commit_step(layout, step):
+    layout.storage.write_atomic(b"shard", *layout.step_dir(step), "__0_0.distcp")
+    files = commit.checksum_files(layout, step, ["__0_0.distcp"])
+    commit.write_manifest(layout, Manifest(step=step, world_size=2, parallelism="ddp", files=files))
+
+
+def kinds(driver):
+    return [e["kind"] for e in driver.events.events() if e["kind"] != "state"]
+
+
+def test_happy_path_one_transition_at_a_time(layout):
+    group = FakeGroup([[[], [ok(0)], [ok(1)]]])
+    driver = Driver(config_for(layout), group, layout)
+    assert driver.state == Starting(attempt=0)
+
+    driver.step()
+    assert isinstance(driver.state, Running) and driver.state.attempt == 0
+    spec = group.launched[0]
+    assert spec.restore_candidates == [] and spec.attempt == 0
+    assert [f.marker for f in spec.faults] == ["kill-rank1-step12"]
+
+    driver.step()  # nothing ended yet
+    assert isinstance(driver.state, Running)
+    driver.step()  # rank 0 done, rank 1 still running
+    assert isinstance(driver.state, Running) and set(driver.state.results) == {0}
+    driver.step()
+    assert driver.state == Succeeded()
+
+
+def test_worker_death_recovers_from_the_latest_committed_checkpoint(layout):
+    commit_step(layout, 5)
+    commit_step(layout, 10)
+    layout.storage.write_atomic(b"x", *layout.step_dir(15), "__0_0.distcp")  # no manifest
+    group = FakeGroup([[[died(1)]], [[ok(0), ok(1)]]])
+    group.reports = [WorkerReport(rank=0, step=12, step_time=0.0, metrics={},
+                                  step_durations=[(12, 0.1, 0.0)], events=[])]
+    driver = Driver(config_for(layout), group, layout)
+
+    driver.step()  # STARTING -> RUNNING
+    assert group.launched[0].restore_candidates == [10, 5]
+    driver.step()  # the death surfaces
+    assert driver.state == Recovering(attempt=0)
+    (failure,) = driver.incidents[0]
+    assert (failure.kind.value, failure.rank, failure.step) == ("worker_died", 1, 12)
+
+    driver.step()  # RECOVERING -> STARTING, the old gang is torn down
+    assert driver.state == Starting(attempt=1) and group.shutdowns == 1
+    # The kill fired (the worker wrote its marker before dying): not handed out again.
+    layout.storage.write_atomic(b"", *layout.chaos, "kill-rank1-step12")
+    driver.step()
+    assert isinstance(driver.state, Running) and group.launched[1].faults == []
+    assert driver.events.events("restart") [0]["from_step"] == 10
+    driver.step()
+    assert driver.state == Succeeded()
+    assert kinds(driver) == ["workers_started", "first_step", "failure", "decision", "restart",
+                             "workers_started"]
+
+
+def test_restart_budget_exhausted_fails_with_every_failure_listed(layout):
+    group = FakeGroup([[[raised(1)]], [[raised(0, step=14)]]])
+    driver = Driver(config_for(layout, max_restarts=1), group, layout)
+    result = driver.run()
+
+    assert not result.succeeded and isinstance(driver.state, Failed)
+    assert "failure.max_restarts=1" in result.message
+    assert "attempt 0: rank 1: user_error: ValueError: bad" in result.message
+    assert "attempt 1: rank 0: user_error: ValueError: bad" in result.message
+    summary = json.loads(layout.storage.read_bytes(*layout.summary))
+    assert summary["status"] == "failed" and summary["restarts"] == 1
+    assert [(f["rank"], f["step"]) for f in summary["failures"]] == [(1, 12), (0, 14)]
+    assert group.shutdowns >= 2
+
+
+def test_a_rank_that_fails_while_its_peer_hangs_is_decided_after_the_grace_period(layout):
+    group = FakeGroup([[[raised(1)]], [[ok(0), ok(1)]]])  # rank 0 never ends attempt 0
+    driver = Driver(config_for(layout), group, layout)
+    driver.step()
+    driver.step()
+    assert driver.state == Recovering(attempt=0)
+    assert [f.rank for f in driver.incidents[0]] == [1]
+
+
+def test_placement_failure_stops_the_job(layout):
+    group = FakeGroup([], start_errors=[PlacementError("cannot place 2 workers")])
+    driver = Driver(config_for(layout), group, layout)
+    driver.step()
+    assert driver.state == Failed(reason="cannot place 2 workers")
+
+
+def test_a_failed_rendezvous_is_a_failure_that_is_retried(layout):
+    group = FakeGroup([[[ok(0), ok(1)]]], start_errors=[WorkerStartError("timeout"), None])
+    driver = Driver(config_for(layout), group, layout)
+    driver.step()
+    assert driver.state == Recovering(attempt=0)
+    assert driver.incidents[0][0].kind.value == "start_failed"
+    driver.step()
+    driver.step()
+    assert isinstance(driver.state, Running) and driver.state.attempt == 1
+
+
+def test_worker_events_land_in_the_log_and_the_summary_counts_lost_steps(layout):
+    group = FakeGroup([[[died(1)]], [[ok(0, 20), ok(1, 20)]]])
+    driver = Driver(config_for(layout), group, layout)
+    driver.step()
+    group.reports = [WorkerReport(
+        rank=0, step=7, step_time=0.0, metrics={"loss": 1.0},
+        step_durations=[(s, 0.1, 0.0) for s in range(1, 8)],
+        events=[{"kind": "checkpoint_committed", "step": 5, "bytes": 10}])]
+    commit_step(layout, 5)
+    driver.step()
+    driver.step()
+    driver.step()
+    group.reports = [WorkerReport(rank=0, step=20, step_time=0.0, metrics={},
+                                  step_durations=[(s, 0.1, 0.0) for s in range(6, 21)],
+                                  events=[{"kind": "checkpoint_restored", "step": 5}])]
+    result = driver.run()
+    assert result.succeeded
+    assert result.summary["lost_steps"] == 2  # steps 6 and 7 were computed twice
+    assert result.summary["steps_completed"] == 20
+    committed = driver.events.events("checkpoint_committed")
+    assert committed[0]["rank"] == 0 and committed[0]["step"] == 5
