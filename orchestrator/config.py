@@ -87,7 +87,15 @@ class ScalingConfig:
     placement_strategy: str = "PACK"
     """Ray placement-group strategy for the gang: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD."""
     placement_timeout_s: float = 120.0
-    """How long to wait for the cluster to place every worker before giving up."""
+    """How long to wait for the cluster to place every worker before giving up (or, with
+    `min_workers`, before resuming with fewer)."""
+    spare_workers: int = 0
+    """Warm standby workers (started, torch imported, resources held) that take over a lost
+    rank at once instead of a new process being started."""
+    min_workers: int = 0
+    """Elastic: when fewer than num_workers can be placed, resume with as few as this many
+    (resharding the checkpoint), and grow back at a checkpoint when resources return.
+    0 means num_workers: no elasticity."""
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, "scaling.num_workers", "it must be at least 1",
@@ -100,6 +108,15 @@ class ScalingConfig:
                  f"use one of {', '.join(strategies)}", self.placement_strategy)
         _require(self.placement_timeout_s > 0, "scaling.placement_timeout_s",
                  "it must be > 0", self.placement_timeout_s)
+        _require(self.spare_workers >= 0, "scaling.spare_workers", "it must be >= 0",
+                 self.spare_workers)
+        _require(0 <= self.min_workers <= self.num_workers, "scaling.min_workers",
+                 f"it must be between 0 and scaling.num_workers={self.num_workers}",
+                 self.min_workers)
+
+    @property
+    def smallest_world(self) -> int:
+        return self.min_workers or self.num_workers
 
     @property
     def use_gpu(self) -> bool:
@@ -119,20 +136,49 @@ class CheckpointConfig:
 @dataclass(kw_only=True, frozen=True)
 class FailureConfig:
     max_restarts: int = 3
-    """How many times the gang may be restarted after failures before the job stops."""
+    """Restarts allowed after infrastructure failures (worker or node died, hang, preemption,
+    failed start); one more stops the job."""
+    max_user_errors: int = 3
+    """Restarts allowed after exceptions raised by the workload; one more stops the job."""
+    crash_loop_limit: int = 3
+    """The same user error (type, message, step) this many times in a row stops the job at
+    once: a deterministic bug does not go away by restarting."""
+    hang_timeout_s: float = 300.0
+    """A rank with no progress (a finished step, save or restore) for this long is hung: it is
+    killed and the job recovers. Cover your slowest step and checkpoint save."""
+    backoff_initial_s: float = 1.0
+    """Wait before the second restart in a row (the first after sustained progress is at once)."""
+    backoff_multiplier: float = 2.0
+    """Each further restart in a row waits this many times longer..."""
+    backoff_max_s: float = 30.0
+    """...up to this."""
+    backoff_reset_after_s: float = 60.0
+    """An attempt that trained this long before failing resets the back-off."""
     failure_grace_s: float = 1.0
     """After the first worker fails, how long to collect other ranks' outcomes before
     deciding: a SIGKILLed rank makes its peers fail within about a second, and the root
     cause should win over those echoes."""
+    drain_timeout_s: float = 5.0
+    """How long surviving workers get to leave a failed attempt before they are replaced
+    rather than reused."""
     worker_start_timeout_s: float = 120.0
     """How long starting the workers and forming their process group may take."""
     collective_timeout_s: float = 300.0
     """torch.distributed timeout for one collective; bounds how long a dead peer can block."""
 
     def __post_init__(self) -> None:
-        _require(self.max_restarts >= 0, "failure.max_restarts", "it must be >= 0",
-                 self.max_restarts)
-        for key in ("failure_grace_s", "worker_start_timeout_s", "collective_timeout_s"):
+        for key in ("max_restarts", "max_user_errors"):
+            _require(getattr(self, key) >= 0, f"failure.{key}", "it must be >= 0",
+                     getattr(self, key))
+        _require(self.crash_loop_limit >= 1, "failure.crash_loop_limit", "it must be >= 1",
+                 self.crash_loop_limit)
+        _require(self.backoff_multiplier >= 1, "failure.backoff_multiplier", "it must be >= 1",
+                 self.backoff_multiplier)
+        for key in ("backoff_initial_s", "backoff_max_s", "backoff_reset_after_s"):
+            _require(getattr(self, key) >= 0, f"failure.{key}", "it must be >= 0",
+                     getattr(self, key))
+        for key in ("hang_timeout_s", "failure_grace_s", "drain_timeout_s",
+                    "worker_start_timeout_s", "collective_timeout_s"):
             value = getattr(self, key)
             _require(value > 0, f"failure.{key}", "it must be > 0", value)
 

@@ -28,6 +28,9 @@ class Progress:
     step: int = 0
     time: float = field(default_factory=time.time)
     metrics: dict[str, float] = field(default_factory=dict)
+    seq: int = 0
+    """Bumped on every sign of life of the training thread (a step, a save, a restore): the
+    driver's hang detection watches it."""
 
 
 class Reporter:
@@ -41,8 +44,16 @@ class Reporter:
 
     def step_done(self, step: int, duration_s: float, metrics: dict[str, float]) -> None:
         with self._lock:
-            self.progress = Progress(step=step, metrics=metrics)
+            self.progress = Progress(step=step, metrics=metrics, seq=self.progress.seq + 1)
             self._step_times.append((step, duration_s, self.progress.time))
+
+    def alive(self, step: int | None = None) -> None:
+        """The training thread made progress that is not a step (a save, or a restore, which
+        sets the step the attempt continues from)."""
+        with self._lock:
+            p = self.progress
+            self.progress = Progress(step=p.step if step is None else step, metrics=p.metrics,
+                                     seq=p.seq + 1)
 
     def emit(self, kind: str, **fields: Any) -> None:
         with self._lock:
@@ -115,6 +126,7 @@ class TrainContext:
         Collective: call once on every rank, before training.
         """
         step = self._checkpoints.restore(state, self._candidates)
+        self._reporter.alive(step)
         self._last_report = time.monotonic()
         return step
 
@@ -125,6 +137,7 @@ class TrainContext:
                         metrics: dict[str, float] | None = None) -> None:
         """Save and commit the checkpoint of `step`. Collective: every rank calls it."""
         self._checkpoints.save(step, state, metrics or {})
+        self._reporter.alive()
         # A save's time is not the next step's: restart the step clock.
         self._last_report = time.monotonic()
 

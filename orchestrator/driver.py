@@ -24,16 +24,18 @@ from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.config import JobConfig
 from orchestrator.errors import PlacementError
 from orchestrator.events import EventLog, Goodput
-from orchestrator.failures import (Action, Failure, FailureKind, RankResult, classify, decide,
-                                   describe)
+from orchestrator.failures import (Action, Failure, FailureKind, Incident, RankResult, classify,
+                                   decide, describe)
 from orchestrator.messages import AttemptSpec, WorkerReport
 from orchestrator.worker_group import WorkerGroup, WorkerStartError
 
 log = logging.getLogger("orchestrator.driver")
 
 POLL_INTERVAL_S = 0.25
-"""How often RUNNING checks the gang. A death surfaces on the run refs at once; this only
-bounds how stale progress and events in the log may be."""
+"""How often RUNNING checks the gang. A death surfaces on the run refs at once; this bounds
+how stale progress and events may be, and adds at most this much to hang detection."""
+
+_LOST_KINDS = (FailureKind.WORKER_DIED, FailureKind.NODE_DIED, FailureKind.HANG)
 
 
 # --- states: one class each, holding only its own data -----------------------------------
@@ -42,6 +44,8 @@ bounds how stale progress and events in the log may be."""
 @dataclass(frozen=True)
 class Starting:
     attempt: int
+    lost: frozenset[int] = frozenset()
+    """Ranks whose workers are gone and must be replaced; the others are reused."""
     terminal = False
 
 
@@ -56,6 +60,8 @@ class Running:
 @dataclass(frozen=True)
 class Recovering:
     attempt: int
+    lost: frozenset[int] = frozenset()
+    delay_s: float = 0.0
     terminal = False
 
 
@@ -80,21 +86,35 @@ class JobResult:
     summary: dict
 
 
+@dataclass
+class _RankWatch:
+    """What the driver last saw of one rank, for hang detection (monotonic times)."""
+
+    seq: int = -1
+    progressed_at: float = 0.0
+    answered_at: float = 0.0
+
+
 class Driver:
     def __init__(self, config: JobConfig, group: WorkerGroup, layout: RunLayout,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self._config = config
         self._group = group
         self._layout = layout
         self._clock = clock
+        self._sleep = sleep
         self.events = EventLog(layout, clock)
         self.state: State = Starting(attempt=0)
-        self.incidents: list[list[Failure]] = []
+        self.incidents: list[Incident] = []
         self._goodput = Goodput(started_at=clock())
         self._last_step: dict[int, int] = {}
+        self._watch_of: dict[int, _RankWatch] = {}
         self._awaiting_first_step = False
         """Whether this attempt's first finished step is still to be logged (the end of a
         recovery, as far as users are concerned)."""
+        self._attempt_span: tuple[float, float] | None = None
+        """Monotonic times at which the first and the latest step of this attempt were seen."""
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -130,10 +150,11 @@ class Driver:
             self.events.emit("checkpoint_invalid", step=r.step, problems=[r.reason])
         from_step = candidates[0].step if candidates else 0
         if state.attempt > 0:
-            self.events.emit("restart", attempt=state.attempt, from_step=from_step)
+            self.events.emit("restart", attempt=state.attempt, from_step=from_step,
+                             replaced_ranks=sorted(state.lost))
             self._goodput.record_restore(from_step)
         try:
-            infos = self._group.start()
+            infos = self._group.form(set(state.lost))
         except PlacementError as e:
             self._set_state(Failed(reason=str(e)))
             return
@@ -153,7 +174,11 @@ class Driver:
             checkpoint_interval_steps=cfg.checkpoint.interval_steps,
             restore_candidates=[c.step for c in candidates],
             faults=pending_faults(cfg.chaos, self._layout)))
+        now = time.monotonic()
+        self._watch_of = {r: _RankWatch(progressed_at=now, answered_at=now)
+                          for r in range(len(infos))}
         self._awaiting_first_step = True
+        self._attempt_span = None
         self._set_state(Running(attempt=state.attempt))
 
     # --- RUNNING ---------------------------------------------------------------------------
@@ -163,20 +188,46 @@ class Driver:
         for r in self._group.wait(POLL_INTERVAL_S):
             results[r.rank] = r
         self._absorb(self._group.poll(POLL_INTERVAL_S))
-        if any(not r.ok for r in results.values()):
-            # Give the root cause a moment to surface before deciding: a killed rank's peers
-            # fail about a second later with echo errors, and vice versa.
-            deadline = time.monotonic() + self._config.failure.failure_grace_s
-            while len(results) < self._config.scaling.num_workers and time.monotonic() < deadline:
-                for r in self._group.wait(max(deadline - time.monotonic(), 0.01)):
-                    results[r.rank] = r
-            self._absorb(self._group.poll(POLL_INTERVAL_S))
+        hung = self._hung_ranks(set(results))
+        if hung:
+            self.events.emit("hang_detected", ranks=sorted(hung),
+                             hang_timeout_s=self._config.failure.hang_timeout_s)
+            self._group.kill(hung)
+        if hung or any(not r.ok for r in results.values()):
+            self._collect_rest(results)
+            for rank in hung:
+                results[rank] = replace(results.get(rank) or RankResult(rank=rank, step=-1, ok=False),
+                                        ok=False, hung=True, died=False,
+                                        message=f"no progress for "
+                                                f"{self._config.failure.hang_timeout_s:.0f}s")
             self._on_incident(state.attempt, classify(self._with_known_steps(results),
                                                       state.attempt))
-        elif len(results) == self._config.scaling.num_workers:
+        elif len(results) == len(self._watch_of):
             self._set_state(Succeeded())
         else:
             self.state = Running(attempt=state.attempt, results=results)
+
+    def _collect_rest(self, results: dict[int, RankResult]) -> None:
+        """Give the root cause a moment to surface before deciding: a killed rank's peers
+        fail about a second later with echo errors, and vice versa."""
+        deadline = time.monotonic() + self._config.failure.failure_grace_s
+        while len(results) < len(self._watch_of) and time.monotonic() < deadline:
+            for r in self._group.wait(max(deadline - time.monotonic(), 0.01)):
+                results[r.rank] = r
+        self._absorb(self._group.poll(POLL_INTERVAL_S))
+
+    def _hung_ranks(self, ended: set[int]) -> set[int]:
+        """Ranks without progress for hang_timeout_s. A rank that stopped answering polls is
+        the culprit; peers blocked in a collective with it answer, and are spared. When every
+        stalled rank still answers (a deadlock, a stuck collective), all of them are hung."""
+        timeout_s = self._config.failure.hang_timeout_s
+        now = time.monotonic()
+        stalled = {r for r, w in self._watch_of.items()
+                   if r not in ended and now - w.progressed_at > timeout_s}
+        if not stalled:
+            return set()
+        silent = {r for r in stalled if now - self._watch_of[r].answered_at > timeout_s}
+        return silent or stalled
 
     def _with_known_steps(self, results: dict[int, RankResult]) -> list[RankResult]:
         """A dead rank cannot say where it was. The gang moves in lockstep, so the furthest
@@ -187,45 +238,58 @@ class Driver:
         return [replace(r, step=gang_step) if r.step < 0 else r for r in results.values()]
 
     def _absorb(self, reports: list[WorkerReport]) -> None:
+        now = time.monotonic()
         for report in reports:
+            watch = self._watch_of.get(report.rank)
+            if watch is not None:
+                watch.answered_at = now
+                if report.progress_seq != watch.seq:
+                    watch.seq, watch.progressed_at = report.progress_seq, now
             self._last_step[report.rank] = max(self._last_step.get(report.rank, 0), report.step)
             for event in report.events:
                 kind = event.pop("kind")
                 self.events.emit(kind, rank=report.rank, **event)
                 if kind == "checkpoint_restored" and report.rank == 0:
                     self._goodput.record_restore(event["step"])
-            if report.rank == 0:
+            if report.rank == 0 and report.step_durations:
+                self._attempt_span = (self._attempt_span or (now, now))[0], now
                 for step, duration_s, _ in report.step_durations:
                     self._goodput.record_step(step, duration_s)
-                if report.step_durations and self._awaiting_first_step:
+                if self._awaiting_first_step:
                     self._awaiting_first_step = False
                     step, _, end_time = report.step_durations[0]
                     self.events.emit("first_step", attempt=self.state.attempt, step=step,
                                      step_end_time=round(end_time, 3))
 
     def _on_incident(self, attempt: int, failures: list[Failure]) -> None:
-        self.incidents.append(failures)
+        first, last = self._attempt_span or (0.0, 0.0)
+        progress_s = last - first
+        self.incidents.append(Incident(attempt=attempt, failures=tuple(failures),
+                                       progress_s=progress_s))
         for f in failures:
             self.events.emit("failure", **f.to_event())
         decision = decide(self.incidents, self._config.failure)
         log.warning("attempt %d failed: %s -> %s", attempt, decision.reason,
                     decision.action.value)
-        self.events.emit("decision", action=decision.action.value, reason=decision.reason)
+        self.events.emit("decision", action=decision.action.value, reason=decision.reason,
+                         delay_s=decision.delay_s)
         if decision.action is Action.STOP:
             self._set_state(Failed(reason=self._stop_message(decision.reason)))
-        else:
-            self._set_state(Recovering(attempt=attempt))
+            return
+        lost = frozenset(f.rank for f in failures if f.kind in _LOST_KINDS)
+        self._set_state(Recovering(attempt=attempt, lost=lost, delay_s=decision.delay_s))
 
     def _stop_message(self, reason: str) -> str:
         lines = [f"job stopped: {reason}", "failures:"]
-        lines += [f"  attempt {fs[0].attempt}: {describe(fs)}" for fs in self.incidents]
+        lines += [f"  attempt {i.attempt}: {describe(list(i.failures))}" for i in self.incidents]
         return "\n".join(lines)
 
     # --- RECOVERING ------------------------------------------------------------------------
 
     def _recover(self, state: Recovering) -> None:
-        self._group.shutdown()
-        self._set_state(Starting(attempt=state.attempt + 1))
+        if state.delay_s > 0:
+            self._sleep(state.delay_s)
+        self._set_state(Starting(attempt=state.attempt + 1, lost=state.lost))
 
     # --- the end ---------------------------------------------------------------------------
 
@@ -236,13 +300,13 @@ class Driver:
             "status": "succeeded" if succeeded else "failed",
             **self._goodput.summary(self._clock()),
             "restarts": sum(1 for e in self.events.events("restart")),
-            "failures": [f.to_event() for fs in self.incidents for f in fs],
+            "failures": [f.to_event() for i in self.incidents for f in i.failures],
             "final_checkpoint_step": candidates[0].step if candidates else None,
         }
         message = "job succeeded" if succeeded else self.state.reason
         if not succeeded:
             summary["error"] = message
-        self._layout.storage.write_atomic(
-            json.dumps(summary, indent=1).encode(), *self._layout.summary)
+        self._layout.storage.write_atomic(json.dumps(summary, indent=1).encode(),
+                                          *self._layout.summary)
         self.events.emit("job_end", status=summary["status"], message=message.splitlines()[0])
         return JobResult(succeeded=succeeded, message=message, summary=summary)

@@ -1,16 +1,18 @@
 """Failures as data: detection signals -> classified failures -> a policy decision.
 
 Where things happen:
-  detected  -- worker_group.RayWorkerGroup.wait() turns run() results and Ray errors into
-               RankResult values;
+  detected   -- worker_group.RayWorkerGroup.wait() turns run() results and Ray errors into
+                RankResult values; Driver._check_hangs() finds ranks without progress;
   classified -- classify() here picks the root cause among the ranks' results;
-  decided   -- decide() here, a pure function of the failure history and the config;
-  handled   -- driver.Driver carries the decision out (RECOVERING or FAILED).
+  decided    -- decide() here, a pure function of the incident history and the config;
+  handled    -- driver.Driver carries the decision out (RECOVERING or FAILED).
+Nothing here imports Ray.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 from orchestrator.config import FailureConfig
@@ -19,10 +21,20 @@ from orchestrator.config import FailureConfig
 class FailureKind(str, enum.Enum):
     WORKER_DIED = "worker_died"
     """The worker process is gone (killed, OOM, segfault): Ray reports the actor dead."""
-    USER_ERROR = "user_error"
-    """The workload raised an exception."""
+    NODE_DIED = "node_died"
+    """The node hosting the worker left the cluster (preempted VM, lost raylet)."""
+    HANG = "hang"
+    """No progress for failure.hang_timeout_s (blocked collective, stopped process)."""
+    PREEMPTED = "preempted"
+    """The worker got a preemption notice (SIGTERM, node drain) and stopped after a save."""
     START_FAILED = "start_failed"
     """The gang could not be started or could not form its process group in time."""
+    USER_ERROR = "user_error"
+    """The workload raised an exception."""
+
+    @property
+    def is_infrastructure(self) -> bool:
+        return self is not FailureKind.USER_ERROR
 
 
 @dataclass(frozen=True)
@@ -50,25 +62,71 @@ class RankResult:
     step: int
     ok: bool
     died: bool = False
+    node_died: bool = False
+    hung: bool = False
     error_type: str = ""
     message: str = ""
     traceback: str = ""
     node_id: str = ""
 
 
+# Errors a rank gets because a *peer* went away: echoes of a root cause elsewhere, never the
+# workload's fault. (gloo, NCCL and torch.distributed wordings.)
+_PEER_LOST = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|ECONNRESET|"
+    r"Connection refused|NCCL communicator was aborted|ProcessGroup.*(aborted|shut ?down)|"
+    r"Socket Timeout|Timed out waiting|Gloo connectFullMesh failed|"
+    r"process group has been destroyed|Application timeout caused pair closure",
+    re.IGNORECASE)
+
+
+def is_peer_echo(result: RankResult) -> bool:
+    return not result.ok and not result.died and bool(_PEER_LOST.search(result.message))
+
+
 def classify(results: list[RankResult], attempt: int) -> list[Failure]:
     """The root-cause failures among the ranks' results (empty if none failed).
 
-    A SIGKILLed rank makes its peers' collectives fail a moment later ("Connection closed by
-    peer"): those are echoes, so when any rank died, only the dead ranks are reported.
+    Precedence: ranks that hung or whose node or process died; else the workload's own
+    errors; peers' "connection closed" errors are echoes and are reported only when nothing
+    else explains the incident.
     """
-    dead = [r for r in results if r.died]
-    errors = [r for r in results if not r.ok and not r.died]
-    roots = dead or errors
-    kind = FailureKind.WORKER_DIED if dead else FailureKind.USER_ERROR
-    return [Failure(kind=kind, rank=r.rank, step=r.step, message=r.message, attempt=attempt,
-                    node_id=r.node_id, error_type=r.error_type, traceback=r.traceback)
+    def kind_of(r: RankResult) -> FailureKind:
+        if r.hung:
+            return FailureKind.HANG
+        if r.node_died:
+            return FailureKind.NODE_DIED
+        if r.died:
+            return FailureKind.WORKER_DIED
+        return FailureKind.USER_ERROR
+
+    failed = [r for r in results if not r.ok]
+    gone = [r for r in failed if r.died or r.hung]
+    own_errors = [r for r in failed if not (r.died or r.hung) and not is_peer_echo(r)]
+    roots = gone or own_errors or failed
+    return [Failure(kind=kind_of(r), rank=r.rank, step=r.step, message=r.message,
+                    attempt=attempt, node_id=r.node_id, error_type=r.error_type,
+                    traceback=r.traceback)
             for r in sorted(roots, key=lambda r: r.rank)]
+
+
+@dataclass(frozen=True)
+class Incident:
+    """One failed attempt: its root-cause failures, and how long it made progress."""
+
+    attempt: int
+    failures: tuple[Failure, ...]
+    progress_s: float = 0.0
+    """How long the attempt trained (first to last completed step) before it failed."""
+
+    @property
+    def is_user_error(self) -> bool:
+        return all(f.kind is FailureKind.USER_ERROR for f in self.failures)
+
+    @property
+    def signature(self) -> frozenset[tuple[str, str, int]]:
+        """What makes two user errors 'the same': type, message and step of each rank's."""
+        return frozenset((f.error_type, first_line(f.message), f.step) for f in self.failures)
 
 
 class Action(str, enum.Enum):
@@ -81,19 +139,58 @@ class Decision:
     action: Action
     reason: str
     """The numbers behind the decision, for the log ("restart 2 of 3 allowed")."""
+    delay_s: float = 0.0
+    """Back-off before the restart."""
 
 
-def decide(incidents: list[list[Failure]], config: FailureConfig) -> Decision:
-    """What to do after the latest incident. `incidents` is every incident of the run so far,
-    oldest first; each is the root-cause failures of one attempt."""
-    restarts_used = len(incidents) - 1
-    latest = describe(incidents[-1])
-    if restarts_used >= config.max_restarts:
+def decide(incidents: list[Incident], config: FailureConfig) -> Decision:
+    """What to do after the latest incident; `incidents` is the run's history, oldest first.
+
+    Infrastructure failures and user errors have separate budgets; the same user error
+    `crash_loop_limit` times in a row stops the job at once, since restarting a deterministic
+    bug only burns the budget.
+    """
+    latest = incidents[-1]
+    what = describe(list(latest.failures))
+    if latest.is_user_error:
+        repeats = 0
+        for incident in reversed(incidents):
+            if not (incident.is_user_error and incident.signature == latest.signature):
+                break
+            repeats += 1
+        if repeats >= config.crash_loop_limit:
+            return Decision(Action.STOP,
+                            f"{what}; the same error {repeats} times in a row is a crash loop "
+                            f"(failure.crash_loop_limit={config.crash_loop_limit}): fix the "
+                            f"workload, restarting will not help")
+        used = sum(1 for i in incidents if i.is_user_error)
+        budget, setting = config.max_user_errors, "failure.max_user_errors"
+    else:
+        used = sum(1 for i in incidents if not i.is_user_error)
+        budget, setting = config.max_restarts, "failure.max_restarts"
+    kind = "user error" if latest.is_user_error else "infrastructure failure"
+    if used > budget:
         return Decision(Action.STOP,
-                        f"{latest}; {len(incidents)} failures and failure.max_restarts="
-                        f"{config.max_restarts} allows no more restarts (raise it to allow more)")
+                        f"{what}; {kind} {used} exceeds {setting}={budget} "
+                        f"(raise it to allow more restarts)")
+    delay_s = backoff_s(incidents, config)
     return Decision(Action.RESTART,
-                    f"{latest}; restart {restarts_used + 1} of {config.max_restarts} allowed")
+                    f"{what}; {kind} {used} of {budget} allowed ({setting}), "
+                    f"restart in {delay_s:.1f}s", delay_s=delay_s)
+
+
+def backoff_s(incidents: list[Incident], config: FailureConfig) -> float:
+    """No wait after a failure that follows sustained progress; then initial, x multiplier,
+    ... up to the maximum for each further failure in a row."""
+    streak = 0
+    for incident in reversed(incidents):
+        streak += 1
+        if incident.progress_s >= config.backoff_reset_after_s:
+            break
+    if streak <= 1:
+        return 0.0
+    return min(config.backoff_initial_s * config.backoff_multiplier ** (streak - 2),
+               config.backoff_max_s)
 
 
 def describe(failures: list[Failure]) -> str:

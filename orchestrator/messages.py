@@ -79,6 +79,7 @@ class WorkerReport:
     step: int
     step_time: float
     metrics: dict[str, float]
+    progress_seq: int
     step_durations: list[tuple[int, float, float]]
     """(step, duration_s, end time) of each step finished since the last poll."""
     events: list[dict[str, Any]]

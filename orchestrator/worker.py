@@ -1,13 +1,18 @@
-"""What runs inside each worker actor: process-group setup and one attempt of the workload.
+"""What runs inside each worker actor: process-group setup and attempts of the workload.
 
 The actor is threaded (two concurrent calls): `run` holds one thread for the whole attempt,
-while the driver's `poll` is answered on the other.
+while the driver's `poll` is answered on the other -- from outside the training thread, so a
+worker whose training is stuck still answers, and one that is stopped does not.
+
+An actor outlives an attempt: after a failure elsewhere in the gang, the driver reuses it,
+and `setup` tears its process group down and joins the new one.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import threading
 from datetime import timedelta
 
 import psutil
@@ -20,6 +25,8 @@ from orchestrator.checkpoint.manager import CheckpointManager
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.context import Reporter, TrainContext
 from orchestrator.messages import AttemptSpec, ErrorInfo, Rendezvous, WorkerInfo, WorkerOutcome, WorkerReport
+
+_ABORT_TIMEOUT_S = 5.0
 
 
 class TrainWorker:
@@ -44,7 +51,12 @@ class TrainWorker:
             return s.getsockname()[1]
 
     def setup(self, rdzv: Rendezvous) -> None:
-        """Join the gang's process group. Collective: every rank's setup must run at once."""
+        """Join the gang's process group, leaving any earlier one first.
+
+        Collective: every rank's setup must run at the same time. Each rendezvous uses a
+        fresh port (a fresh TCPStore), so nothing of an earlier group can leak into it.
+        """
+        _destroy_process_group()
         _bind_gloo_to(_node_ip())
         if rdzv.backend == "nccl":
             torch.cuda.set_device(0)  # Ray shows each actor only its own GPU(s)
@@ -53,6 +65,7 @@ class TrainWorker:
                                 rank=rdzv.rank, world_size=rdzv.world_size, timeout=timeout)
         self._ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
         self._rdzv = rdzv
+        self._reporter = Reporter()
 
     def run(self, spec: AttemptSpec) -> WorkerOutcome:
         """Run the workload to its end. Failures come back as data, never as exceptions."""
@@ -75,20 +88,42 @@ class TrainWorker:
             _load_entrypoint(spec.entrypoint)(ctx)
         # BaseException: DCP's CheckpointException derives from it, not from Exception.
         except BaseException as e:  # noqa: BLE001 -- reported to the driver as data
-            return WorkerOutcome(rank=rdzv.rank, step=self._reporter.progress.step,
-                                 error=ErrorInfo.from_exception(e))
+            error = ErrorInfo.from_exception(e)
+            # Peers may be blocked in a collective with us: closing our connections makes
+            # them fail now rather than at the collective timeout.
+            _destroy_process_group()
+            return WorkerOutcome(rank=rdzv.rank, step=self._reporter.progress.step, error=error)
         return WorkerOutcome(rank=rdzv.rank, step=self._reporter.progress.step)
 
     def poll(self) -> WorkerReport:
         progress, durations, events = self._reporter.drain()
         rank = self._rdzv.rank if self._rdzv else -1
         return WorkerReport(rank=rank, step=progress.step, step_time=progress.time,
-                            metrics=progress.metrics, step_durations=durations, events=events)
+                            metrics=progress.metrics, progress_seq=progress.seq,
+                            step_durations=durations, events=events)
 
 
 def _load_entrypoint(entrypoint: str):
     module, _, func = entrypoint.partition(":")
     return getattr(importlib.import_module(module), func)
+
+
+def _destroy_process_group() -> None:
+    """Leave the current process group, if any, without ever blocking for long: a group
+    whose peers are gone can hang in its destructor, and then we would rather leak it."""
+    if not dist.is_initialized():
+        return
+    done = threading.Event()
+
+    def destroy() -> None:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 -- a broken group is what we are discarding
+            pass
+        done.set()
+
+    threading.Thread(target=destroy, daemon=True).start()
+    done.wait(_ABORT_TIMEOUT_S)
 
 
 def _node_ip() -> str:

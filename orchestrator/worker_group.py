@@ -1,12 +1,18 @@
 """The gang of worker actors: placement, rendezvous, launch, and observing how ranks end.
 
 `WorkerGroup` is the contract the driver talks to; `RayWorkerGroup` fulfils it with Ray actors
-in one placement group. Unit tests give the driver a fake instead.
+in one placement group that also holds the warm spares. Unit tests give the driver a fake.
+
+Recovery reuses what survived: `form(lost)` replaces only the lost ranks (from spares when
+there are any, else with new actors in the freed bundles) and re-forms the process group in
+every actor, without re-spawning processes or re-importing torch.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import ray
@@ -20,23 +26,29 @@ from orchestrator.failures import RankResult
 from orchestrator.messages import AttemptSpec, Rendezvous, WorkerInfo, WorkerOutcome, WorkerReport
 from orchestrator.worker import TrainWorker
 
+log = logging.getLogger("orchestrator.worker_group")
+
 
 class WorkerStartError(Exception):
     """The actors started but could not form a process group in time (a transient failure)."""
 
 
 class WorkerGroup(Protocol):
-    def start(self) -> list[WorkerInfo]:
-        """Place and start the workers and form their process group."""
+    def form(self, lost_ranks: set[int]) -> list[WorkerInfo]:
+        """Make the gang whole and form its process group: start every worker the first
+        time; later, replace `lost_ranks` and reuse the other live workers."""
 
     def launch(self, spec: AttemptSpec) -> None:
         """Start one attempt of the workload on every rank (non-blocking)."""
 
     def wait(self, timeout_s: float) -> list[RankResult]:
-        """Ranks whose attempt ended since the last call; waits at most `timeout_s`."""
+        """Ranks whose attempt ended since the last call; returns as soon as one ends."""
 
     def poll(self, timeout_s: float) -> list[WorkerReport]:
         """Progress and events of the live ranks that answer within `timeout_s`."""
+
+    def kill(self, ranks: set[int]) -> None:
+        """Kill these ranks' processes now (hung workers)."""
 
     def shutdown(self) -> None:
         """Kill every actor and release the placement group. Safe to call twice."""
@@ -45,19 +57,58 @@ class WorkerGroup(Protocol):
 _RemoteWorker = ray.remote(TrainWorker)
 
 
+@dataclass
+class _Slot:
+    """One actor and the placement-group bundle it occupies."""
+
+    actor: object
+    bundle: int
+    info_ref: object
+    info: WorkerInfo | None = None
+
+
 class RayWorkerGroup:
     def __init__(self, config: JobConfig) -> None:
         self._config = config
-        self._actors: list = []
-        self._infos: list[WorkerInfo] = []
         self._pg = None
+        self._ranks: list[_Slot | None] = []  # None only while form() replaces a rank
+        self._spares: list[_Slot] = []
         self._pending: dict = {}  # run ref -> rank
 
-    def start(self) -> list[WorkerInfo]:
+    # --- forming the gang --------------------------------------------------------------------
+
+    def form(self, lost_ranks: set[int]) -> list[WorkerInfo]:
         scaling, failure = self._config.scaling, self._config.failure
-        n = scaling.num_workers
-        bundles = [dict(scaling.resources_per_worker) for _ in range(n)]
-        self._pg = placement_group(bundles, strategy=scaling.placement_strategy)
+        try:
+            if self._pg is None:
+                self._place()
+            lost = set(lost_ranks) | self._drain_survivors(failure.drain_timeout_s)
+            self.kill(lost)
+            deadline = time.monotonic() + failure.worker_start_timeout_s
+            self._ranks = [None if rank in lost or rank >= len(self._ranks) else self._ranks[rank]
+                           for rank in range(scaling.num_workers)]
+            for rank, slot in enumerate(self._ranks):
+                if slot is None:
+                    self._ranks[rank] = self._take_spare() or self._new_slot()
+            self._refill_spares()
+            infos = [self._info_of(slot, deadline) for slot in self._ranks]
+            port = ray.get(self._ranks[0].actor.free_port.remote(), timeout=_left(deadline))
+            backend = "nccl" if scaling.use_gpu else "gloo"
+            ray.get([slot.actor.setup.remote(self._rendezvous(rank, infos, port, backend))
+                     for rank, slot in enumerate(self._ranks)], timeout=_left(deadline))
+        except (GetTimeoutError, RayError) as e:
+            self.shutdown()  # a half-formed gang is worth nothing: start clean next time
+            raise WorkerStartError(f"workers did not start and rendezvous within "
+                                   f"failure.worker_start_timeout_s="
+                                   f"{failure.worker_start_timeout_s:.0f}s: "
+                                   f"{str(e).splitlines()[0]}") from e
+        return infos
+
+    def _place(self) -> None:
+        scaling = self._config.scaling
+        n = scaling.num_workers + scaling.spare_workers
+        self._pg = placement_group([dict(scaling.resources_per_worker) for _ in range(n)],
+                                   strategy=scaling.placement_strategy)
         try:
             ray.get(self._pg.ready(), timeout=scaling.placement_timeout_s)
         except GetTimeoutError as e:
@@ -65,42 +116,71 @@ class RayWorkerGroup:
             raise PlacementError(
                 f"could not place {n} workers with {scaling.resources_per_worker} each within "
                 f"{scaling.placement_timeout_s:.0f}s; cluster resources: "
-                f"{ray.available_resources()}. Lower scaling.num_workers or "
-                f"scaling.resources_per_worker, or raise scaling.placement_timeout_s") from e
-        resources = dict(scaling.resources_per_worker)
-        options = dict(num_cpus=resources.pop("CPU", 0), num_gpus=resources.pop("GPU", 0),
-                       resources=resources, max_concurrency=2, max_restarts=0)
-        self._actors = [
-            _RemoteWorker.options(
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self._pg, placement_group_bundle_index=i),
-                **options).remote()
-            for i in range(n)
-        ]
-        try:
-            deadline = time.monotonic() + failure.worker_start_timeout_s
-            self._infos = ray.get([a.info.remote() for a in self._actors],
-                                  timeout=failure.worker_start_timeout_s)
-            port = ray.get(self._actors[0].free_port.remote(), timeout=_left(deadline))
-            backend = "nccl" if scaling.use_gpu else "gloo"
-            ray.get([a.setup.remote(self._rendezvous(rank, port, backend))
-                     for rank, a in enumerate(self._actors)], timeout=_left(deadline))
-        except (GetTimeoutError, RayError) as e:
-            self.shutdown()
-            raise WorkerStartError(f"workers did not start and rendezvous within "
-                                   f"failure.worker_start_timeout_s="
-                                   f"{failure.worker_start_timeout_s:.0f}s: {e}") from e
-        return list(self._infos)
+                f"{ray.available_resources()}. Lower scaling.num_workers, "
+                f"scaling.spare_workers or scaling.resources_per_worker, or raise "
+                f"scaling.placement_timeout_s") from e
 
-    def _rendezvous(self, rank: int, port: int, backend: str) -> Rendezvous:
-        node = self._infos[rank].node_id
-        local_rank = sum(1 for info in self._infos[:rank] if info.node_id == node)
-        return Rendezvous(rank=rank, local_rank=local_rank, world_size=len(self._actors),
-                          master_addr=self._infos[0].node_ip, master_port=port, backend=backend,
+    def _drain_survivors(self, timeout_s: float) -> set[int]:
+        """Wait for live ranks to leave the failed attempt; those that do not are lost too."""
+        if not self._pending:
+            return set()
+        ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending),
+                            timeout=timeout_s)
+        stuck = {rank for ref, rank in self._pending.items() if ref not in ready}
+        self._pending = {}
+        if stuck:
+            log.warning("ranks %s did not leave the failed attempt within %.1fs: replacing them",
+                        sorted(stuck), timeout_s)
+        return stuck
+
+    def _new_slot(self) -> _Slot:
+        used = {s.bundle for s in self._ranks + self._spares if s is not None}
+        total = self._config.scaling.num_workers + self._config.scaling.spare_workers
+        bundle = min(b for b in range(total) if b not in used)
+        resources = dict(self._config.scaling.resources_per_worker)
+        actor = _RemoteWorker.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self._pg, placement_group_bundle_index=bundle),
+            num_cpus=resources.pop("CPU", 0), num_gpus=resources.pop("GPU", 0),
+            resources=resources, max_concurrency=2, max_restarts=0,
+            # Lazy gloo connections: re-forming a group in long-lived processes otherwise
+            # fails now and then in connectFullMesh (DESIGN.md).
+            runtime_env={"env_vars": {"TORCH_GLOO_LAZY_INIT": "1"}},
+        ).remote()
+        return _Slot(actor=actor, bundle=bundle, info_ref=actor.info.remote())
+
+    def _take_spare(self) -> _Slot | None:
+        """A started spare, if any; spares that died meanwhile are dropped."""
+        while self._spares:
+            slot = self._spares.pop(0)
+            try:
+                slot.info = ray.get(slot.info_ref, timeout=0.5)
+                return slot
+            except (GetTimeoutError, RayError):
+                ray.kill(slot.actor, no_restart=True)
+        return None
+
+    def _refill_spares(self) -> None:
+        """Start replacement spares; they warm up (import torch) while the gang trains."""
+        while len(self._spares) < self._config.scaling.spare_workers:
+            self._spares.append(self._new_slot())
+
+    def _info_of(self, slot: _Slot, deadline: float) -> WorkerInfo:
+        if slot.info is None:
+            slot.info = ray.get(slot.info_ref, timeout=_left(deadline))
+        return slot.info
+
+    def _rendezvous(self, rank: int, infos: list[WorkerInfo], port: int, backend: str) -> Rendezvous:
+        node = infos[rank].node_id
+        local_rank = sum(1 for info in infos[:rank] if info.node_id == node)
+        return Rendezvous(rank=rank, local_rank=local_rank, world_size=len(infos),
+                          master_addr=infos[0].node_ip, master_port=port, backend=backend,
                           timeout_s=self._config.failure.collective_timeout_s)
 
+    # --- running -----------------------------------------------------------------------------
+
     def launch(self, spec: AttemptSpec) -> None:
-        self._pending = {a.run.remote(spec): rank for rank, a in enumerate(self._actors)}
+        self._pending = {slot.actor.run.remote(spec): rank for rank, slot in enumerate(self._ranks)}
 
     def wait(self, timeout_s: float) -> list[RankResult]:
         if not self._pending:
@@ -113,16 +193,14 @@ class RayWorkerGroup:
         return [self._result(ref, self._pending.pop(ref)) for ref in ready]
 
     def _result(self, ref, rank: int) -> RankResult:
-        node_id = self._infos[rank].node_id
+        info = self._ranks[rank].info
+        node_id = info.node_id if info else ""
         try:
             outcome: WorkerOutcome = ray.get(ref)
-        except RayActorError as e:  # the process is gone: killed, OOM, crashed
+        except RayError as e:  # the process is gone: killed, OOM, crashed, node lost
             return RankResult(rank=rank, step=-1, ok=False, died=True,
-                              error_type=type(e).__name__, message=_actor_death(e),
-                              node_id=node_id)
-        except RayError as e:  # the call itself failed (e.g. the object was lost)
-            return RankResult(rank=rank, step=-1, ok=False, died=True,
-                              error_type=type(e).__name__, message=str(e), node_id=node_id)
+                              node_died=not _node_alive(node_id), error_type=type(e).__name__,
+                              message=_death_message(e), node_id=node_id)
         if outcome.ok:
             return RankResult(rank=rank, step=outcome.step, ok=True, node_id=node_id)
         err = outcome.error
@@ -131,7 +209,7 @@ class RayWorkerGroup:
                           node_id=node_id)
 
     def poll(self, timeout_s: float) -> list[WorkerReport]:
-        refs = [a.poll.remote() for a in self._actors]
+        refs = [slot.actor.poll.remote() for slot in self._ranks]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         reports = []
         for ref in ready:
@@ -141,13 +219,15 @@ class RayWorkerGroup:
                 pass  # a dead worker: its run ref reports the death
         return reports
 
+    def kill(self, ranks: set[int]) -> None:
+        for rank in ranks:
+            if rank < len(self._ranks):
+                _kill(self._ranks[rank].actor)
+
     def shutdown(self) -> None:
-        for actor in self._actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except RayError:
-                pass
-        self._actors, self._pending = [], {}
+        for slot in self._ranks + self._spares:
+            _kill(slot.actor)
+        self._ranks, self._spares, self._pending = [], [], {}
         if self._pg is not None:
             try:
                 remove_placement_group(self._pg)
@@ -156,11 +236,26 @@ class RayWorkerGroup:
             self._pg = None
 
 
+def _kill(actor) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except RayError:
+        pass
+
+
 def _left(deadline: float) -> float:
     return max(deadline - time.monotonic(), 0.1)
 
 
-def _actor_death(e: RayActorError) -> str:
+def _node_alive(node_id: str) -> bool:
+    """Ray's view of the node; a node that is not known (yet) counts as alive."""
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return bool(node["Alive"])
+    return True
+
+
+def _death_message(e: RayError) -> str:
     text = str(e)
     # Ray's message is long; its first sentence says what happened to the process.
     for line in text.splitlines():

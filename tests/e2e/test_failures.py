@@ -11,16 +11,18 @@ from tests.helpers import events_of, make_config, run_job
 pytestmark = pytest.mark.e2e
 
 
-def mlp_job(tmp_path, name: str, args: dict, max_restarts: int = 3, **sections):
+def mlp_job(tmp_path, name: str, args: dict, max_restarts: int = 3, failure=None,
+            **sections):
     return make_config(str(tmp_path), name,
                        workload={"entrypoint": "workloads.mlp:train", "args": args},
                        scaling={"num_workers": 2}, checkpoint={"interval_steps": 4},
-                       failure={"max_restarts": max_restarts, "failure_grace_s": 0.5},
+                       failure={"max_restarts": max_restarts, "failure_grace_s": 0.5,
+                                **(failure or {})},
                        **sections)
 
 
 def test_user_error_on_first_attempt_restarts_and_completes(ray_cluster, tmp_path):
-    args = {"steps": 12, "raise_at_step": 6, "raise_on_attempts": [0]}
+    args = {"steps": 12, "raise_at_step": 6, "fault_attempts": [0]}
     result, layout = run_job(mlp_job(tmp_path, "bug-once", args))
 
     assert result.succeeded, result.message
@@ -42,7 +44,7 @@ def test_user_error_on_first_attempt_restarts_and_completes(ray_cluster, tmp_pat
 def test_user_error_on_one_rank_is_blamed_on_that_rank(ray_cluster, tmp_path):
     """Rank 1 raises while rank 0 blocks in the next collective: the driver must not wait for
     rank 0 (it would wait for the collective timeout) and must blame rank 1 alone."""
-    args = {"steps": 10, "raise_at_step": 5, "raise_on_ranks": [1], "raise_on_attempts": [0]}
+    args = {"steps": 10, "raise_at_step": 5, "fault_ranks": [1], "fault_attempts": [0]}
     result, layout = run_job(mlp_job(tmp_path, "bug-rank1", args))
 
     assert result.succeeded, result.message
@@ -52,15 +54,38 @@ def test_user_error_on_one_rank_is_blamed_on_that_rank(ray_cluster, tmp_path):
 
 
 def test_max_restarts_exceeded_fails_with_the_failures_listed(ray_cluster, tmp_path):
-    args = {"steps": 12, "raise_at_step": 6}  # a deterministic bug: every attempt
-    result, layout = run_job(mlp_job(tmp_path, "bug-always", args, max_restarts=1))
+    chaos = {"kill": [{"rank": 1, "step": 3}, {"rank": 0, "step": 6}, {"rank": 1, "step": 9}]}
+    config = mlp_job(tmp_path, "kills", {"steps": 12}, max_restarts=2, chaos=chaos)
+    result, layout = run_job(config)
 
     assert not result.succeeded
-    assert "failure.max_restarts=1" in result.message
-    assert result.message.count("RuntimeError: injected bug at step 6") >= 2
+    assert "infrastructure failure 3 exceeds failure.max_restarts=2" in result.message
+    for attempt, rank in enumerate([1, 0, 1]):
+        assert f"attempt {attempt}: rank {rank}: worker_died" in result.message
     summary = json.loads(layout.storage.read_bytes(*layout.summary))
-    assert summary["status"] == "failed"
-    assert summary["restarts"] == 1
-    assert {f["attempt"] for f in summary["failures"]} == {0, 1}
-    assert all("injected bug" in f["message"] for f in summary["failures"])
+    assert summary["status"] == "failed" and summary["restarts"] == 2
+    assert [(f["attempt"], f["rank"], f["failure_kind"]) for f in summary["failures"]] == [
+        (0, 1, "worker_died"), (1, 0, "worker_died"), (2, 1, "worker_died")]
     assert events_of(layout, "job_end")[-1]["status"] == "failed"
+
+
+def test_a_deterministic_bug_stops_after_crash_loop_limit_attempts(ray_cluster, tmp_path):
+    config = mlp_job(tmp_path, "bug-always", {"steps": 12, "raise_at_step": 6},
+                     max_restarts=10, failure={"crash_loop_limit": 2, "max_user_errors": 10})
+    result, layout = run_job(config)
+
+    assert not result.succeeded
+    assert "crash loop (failure.crash_loop_limit=2)" in result.message
+    assert "RuntimeError: injected bug at step 6" in result.message
+    assert len(events_of(layout, "restart")) == 1  # 2 attempts, no third
+    summary = json.loads(layout.storage.read_bytes(*layout.summary))
+    assert {f["attempt"] for f in summary["failures"]} == {0, 1}
+
+
+def test_an_intermittent_bug_is_restarted_through(ray_cluster, tmp_path):
+    """The same bug on two attempts, below crash_loop_limit=3, then gone: the job completes."""
+    args = {"steps": 12, "raise_at_step": 6, "fault_attempts": [0, 1]}
+    result, layout = run_job(mlp_job(tmp_path, "bug-twice", args,
+                                     failure={"crash_loop_limit": 3, "backoff_initial_s": 0.1}))
+    assert result.succeeded, result.message
+    assert len(events_of(layout, "restart")) == 2

@@ -31,9 +31,12 @@ class FakeGroup:
         self.launched = []
         self.reports: list[WorkerReport] = []
         self.shutdowns = 0
+        self.formed: list[set[int]] = []
+        self.killed: set[int] = set()
         self._batches: list[list[RankResult]] = []
 
-    def start(self):
+    def form(self, lost_ranks):
+        self.formed.append(set(lost_ranks))
         if self.start_errors:
             error = self.start_errors.pop(0)
             if error:
@@ -50,6 +53,9 @@ class FakeGroup:
     def poll(self, timeout_s):
         reports, self.reports = self.reports, []
         return reports
+
+    def kill(self, ranks):
+        self.killed |= set(ranks)
 
     def shutdown(self):
         self.shutdowns += 1
@@ -111,23 +117,24 @@ def test_worker_death_recovers_from_the_latest_committed_checkpoint(layout):
     commit_step(layout, 10)
     layout.storage.write_atomic(b"x", *layout.step_dir(15), "__0_0.distcp")  # no manifest
     group = FakeGroup([[[died(1)]], [[ok(0), ok(1)]]])
-    group.reports = [WorkerReport(rank=0, step=12, step_time=0.0, metrics={},
+    group.reports = [WorkerReport(rank=0, step=12, step_time=0.0, metrics={}, progress_seq=1,
                                   step_durations=[(12, 0.1, 0.0)], events=[])]
     driver = Driver(config_for(layout), group, layout)
 
     driver.step()  # STARTING -> RUNNING
     assert group.launched[0].restore_candidates == [10, 5]
     driver.step()  # the death surfaces
-    assert driver.state == Recovering(attempt=0)
-    (failure,) = driver.incidents[0]
+    assert driver.state == Recovering(attempt=0, lost=frozenset({1}))
+    (failure,) = driver.incidents[0].failures
     assert (failure.kind.value, failure.rank, failure.step) == ("worker_died", 1, 12)
 
-    driver.step()  # RECOVERING -> STARTING, the old gang is torn down
-    assert driver.state == Starting(attempt=1) and group.shutdowns == 1
+    driver.step()  # RECOVERING -> STARTING; only the lost rank will be replaced
+    assert driver.state == Starting(attempt=1, lost=frozenset({1}))
     # The kill fired (the worker wrote its marker before dying): not handed out again.
     layout.storage.write_atomic(b"", *layout.chaos, "kill-rank1-step12")
     driver.step()
     assert isinstance(driver.state, Running) and group.launched[1].faults == []
+    assert group.formed == [set(), {1}] and group.shutdowns == 0
     assert driver.events.events("restart") [0]["from_step"] == 10
     driver.step()
     assert driver.state == Succeeded()
@@ -137,17 +144,18 @@ def test_worker_death_recovers_from_the_latest_committed_checkpoint(layout):
 
 def test_restart_budget_exhausted_fails_with_every_failure_listed(layout):
     group = FakeGroup([[[raised(1)]], [[raised(0, step=14)]]])
-    driver = Driver(config_for(layout, max_restarts=1), group, layout)
+    driver = Driver(config_for(layout, max_user_errors=1), group, layout, sleep=lambda s: None)
     result = driver.run()
 
     assert not result.succeeded and isinstance(driver.state, Failed)
-    assert "failure.max_restarts=1" in result.message
+    assert "failure.max_user_errors=1" in result.message
     assert "attempt 0: rank 1: user_error: ValueError: bad" in result.message
     assert "attempt 1: rank 0: user_error: ValueError: bad" in result.message
     summary = json.loads(layout.storage.read_bytes(*layout.summary))
     assert summary["status"] == "failed" and summary["restarts"] == 1
     assert [(f["rank"], f["step"]) for f in summary["failures"]] == [(1, 12), (0, 14)]
-    assert group.shutdowns >= 2
+    assert group.formed == [set(), set()]  # a user error replaces nobody
+    assert group.shutdowns == 1
 
 
 def test_a_rank_that_fails_while_its_peer_hangs_is_decided_after_the_grace_period(layout):
@@ -156,7 +164,7 @@ def test_a_rank_that_fails_while_its_peer_hangs_is_decided_after_the_grace_perio
     driver.step()
     driver.step()
     assert driver.state == Recovering(attempt=0)
-    assert [f.rank for f in driver.incidents[0]] == [1]
+    assert [f.rank for f in driver.incidents[0].failures] == [1]
 
 
 def test_placement_failure_stops_the_job(layout):
@@ -171,7 +179,7 @@ def test_a_failed_rendezvous_is_a_failure_that_is_retried(layout):
     driver = Driver(config_for(layout), group, layout)
     driver.step()
     assert driver.state == Recovering(attempt=0)
-    assert driver.incidents[0][0].kind.value == "start_failed"
+    assert driver.incidents[0].failures[0].kind.value == "start_failed"
     driver.step()
     driver.step()
     assert isinstance(driver.state, Running) and driver.state.attempt == 1
@@ -182,14 +190,14 @@ def test_worker_events_land_in_the_log_and_the_summary_counts_lost_steps(layout)
     driver = Driver(config_for(layout), group, layout)
     driver.step()
     group.reports = [WorkerReport(
-        rank=0, step=7, step_time=0.0, metrics={"loss": 1.0},
+        rank=0, step=7, step_time=0.0, metrics={"loss": 1.0}, progress_seq=1,
         step_durations=[(s, 0.1, 0.0) for s in range(1, 8)],
         events=[{"kind": "checkpoint_committed", "step": 5, "bytes": 10}])]
     commit_step(layout, 5)
     driver.step()
     driver.step()
     driver.step()
-    group.reports = [WorkerReport(rank=0, step=20, step_time=0.0, metrics={},
+    group.reports = [WorkerReport(rank=0, step=20, step_time=0.0, metrics={}, progress_seq=2,
                                   step_durations=[(s, 0.1, 0.0) for s in range(6, 21)],
                                   events=[{"kind": "checkpoint_restored", "step": 5}])]
     result = driver.run()

@@ -1,20 +1,47 @@
 """The failure classification and policy are pure functions: no Ray, no processes."""
 
 from orchestrator.config import FailureConfig
-from orchestrator.failures import Action, FailureKind, RankResult, classify, decide, describe
+from orchestrator.failures import (Action, Failure, FailureKind, Incident, RankResult, backoff_s,
+                                   classify, decide, describe)
 
 
-def died(rank, step=7):
-    return RankResult(rank=rank, step=step, ok=False, died=True, message="actor died")
+def died(rank, step=7, node_died=False):
+    return RankResult(rank=rank, step=step, ok=False, died=True, node_died=node_died,
+                      message="actor died")
 
 
-def raised(rank, message="RuntimeError: boom", step=7):
-    return RankResult(rank=rank, step=step, ok=False, message=message, traceback="tb")
+def raised(rank, message="RuntimeError: boom", step=7, error_type="RuntimeError"):
+    return RankResult(rank=rank, step=step, ok=False, message=message, traceback="tb",
+                      error_type=error_type)
 
+
+def incident(results, attempt=0, progress_s=0.0):
+    return Incident(attempt=attempt, failures=tuple(classify(results, attempt)),
+                    progress_s=progress_s)
+
+
+# --- classification ---------------------------------------------------------------------------
 
 def test_a_dead_rank_is_the_root_cause_and_peer_errors_are_echoes():
     failures = classify([raised(0, "RuntimeError: Connection closed by peer"), died(1)], attempt=0)
     assert [(f.kind, f.rank) for f in failures] == [(FailureKind.WORKER_DIED, 1)]
+
+
+def test_a_rank_on_a_dead_node_is_a_node_failure():
+    failures = classify([died(2, node_died=True)], attempt=0)
+    assert failures[0].kind is FailureKind.NODE_DIED and failures[0].kind.is_infrastructure
+
+
+def test_a_hung_rank_wins_over_its_peers_echo_errors():
+    hung = RankResult(rank=1, step=-1, ok=False, hung=True, message="no progress for 5s")
+    failures = classify([hung, raised(0, "RuntimeError: [gloo] Connection reset by peer")], 0)
+    assert [(f.kind, f.rank) for f in failures] == [(FailureKind.HANG, 1)]
+
+
+def test_a_workload_error_wins_over_peer_echoes_without_any_death():
+    failures = classify([raised(0, "RuntimeError: Connection closed by peer"),
+                         raised(1, "ValueError: bad shape")], attempt=0)
+    assert [(f.kind, f.rank) for f in failures] == [(FailureKind.USER_ERROR, 1)]
 
 
 def test_user_errors_are_reported_per_rank_with_their_traceback():
@@ -33,18 +60,70 @@ def test_identical_errors_of_several_ranks_are_grouped():
         "ranks 0,1: user_error: RuntimeError: boom; rank 3: user_error: ValueError: other")
 
 
-def test_restarts_until_max_restarts_then_stop_naming_the_setting():
+# --- budgets -----------------------------------------------------------------------------------
+
+def test_infrastructure_restarts_until_max_restarts_then_stop_naming_the_setting():
     config = FailureConfig(max_restarts=2)
-    incidents = []
-    actions = []
+    history, actions = [], []
     for attempt in range(3):
-        incidents.append(classify([died(1)], attempt))
-        actions.append(decide(incidents, config))
+        history.append(incident([died(1)], attempt))
+        actions.append(decide(history, config))
     assert [d.action for d in actions] == [Action.RESTART, Action.RESTART, Action.STOP]
-    assert "restart 1 of 2 allowed" in actions[0].reason
+    assert "infrastructure failure 1 of 2 allowed" in actions[0].reason
     assert "failure.max_restarts=2" in actions[2].reason
 
 
 def test_zero_restarts_stops_at_the_first_failure():
-    decision = decide([classify([died(0)], 0)], FailureConfig(max_restarts=0))
+    decision = decide([incident([died(0)])], FailureConfig(max_restarts=0))
     assert decision.action is Action.STOP
+
+
+def test_user_errors_and_infrastructure_failures_have_separate_budgets():
+    config = FailureConfig(max_restarts=1, max_user_errors=1, crash_loop_limit=5)
+    history = [incident([died(0)], 0), incident([raised(1, step=3)], 1)]
+    assert decide(history, config).action is Action.RESTART  # 1 of each: both within budget
+    history.append(incident([raised(1, step=9)], 2))
+    decision = decide(history, config)
+    assert decision.action is Action.STOP and "failure.max_user_errors=1" in decision.reason
+
+
+# --- crash loops -------------------------------------------------------------------------------
+
+def test_the_same_user_error_crash_loop_limit_times_in_a_row_stops():
+    config = FailureConfig(crash_loop_limit=3, max_user_errors=10)
+    history = [incident([raised(0, step=5)], a) for a in range(3)]
+    assert decide(history[:2], config).action is Action.RESTART
+    decision = decide(history, config)
+    assert decision.action is Action.STOP
+    assert "3 times in a row is a crash loop (failure.crash_loop_limit=3)" in decision.reason
+    assert "RuntimeError: boom" in decision.reason
+
+
+def test_an_intermittent_error_is_not_a_crash_loop():
+    config = FailureConfig(crash_loop_limit=2, max_user_errors=10)
+    history = [incident([raised(0, step=s)], a) for a, s in enumerate([5, 9, 14, 20])]
+    assert decide(history, config).action is Action.RESTART
+
+
+def test_a_different_failure_in_between_breaks_the_loop():
+    config = FailureConfig(crash_loop_limit=2, max_user_errors=10)
+    history = [incident([raised(0)], 0), incident([died(1)], 1), incident([raised(0)], 2)]
+    assert decide(history, config).action is Action.RESTART
+
+
+# --- back-off ----------------------------------------------------------------------------------
+
+def test_backoff_grows_for_failures_in_a_row_and_resets_after_sustained_progress():
+    config = FailureConfig(backoff_initial_s=1, backoff_multiplier=2, backoff_max_s=5,
+                           backoff_reset_after_s=60, max_restarts=100)
+    history = []
+    delays = []
+    for attempt in range(6):
+        history.append(incident([died(0)], attempt))
+        delays.append(backoff_s(history, config))
+    assert delays == [0, 1, 2, 4, 5, 5]
+    history.append(incident([died(0)], 6, progress_s=120))  # ran 2 minutes, then failed
+    assert backoff_s(history, config) == 0
+    history.append(incident([died(0)], 7))
+    assert backoff_s(history, config) == 1
+    assert decide(history, config).delay_s == 1
