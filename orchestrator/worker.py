@@ -30,7 +30,13 @@ _ABORT_TIMEOUT_S = 5.0
 
 
 class TrainWorker:
-    def __init__(self) -> None:
+    def __init__(self, preload: str = "") -> None:
+        """`preload`: the workload's entrypoint, imported now so that a spare is warm."""
+        if preload:
+            try:
+                _load_entrypoint(preload)
+            except Exception:  # noqa: BLE001 -- run() reports it, with its traceback
+                pass
         self._reporter = Reporter()
         self._rdzv: Rendezvous | None = None
         self._ckpt_group: dist.ProcessGroup | None = None

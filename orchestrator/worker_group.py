@@ -146,18 +146,22 @@ class RayWorkerGroup:
             # Lazy gloo connections: re-forming a group in long-lived processes otherwise
             # fails now and then in connectFullMesh (DESIGN.md).
             runtime_env={"env_vars": {"TORCH_GLOO_LAZY_INIT": "1"}},
-        ).remote()
+        ).remote(preload=self._config.workload.entrypoint)
         return _Slot(actor=actor, bundle=bundle, info_ref=actor.info.remote())
 
     def _take_spare(self) -> _Slot | None:
-        """A started spare, if any; spares that died meanwhile are dropped."""
+        """The oldest spare: ready, or at least further along than a new actor would be.
+        Spares that died meanwhile are dropped."""
         while self._spares:
             slot = self._spares.pop(0)
+            ready, _ = ray.wait([slot.info_ref], timeout=0)
+            if not ready:
+                return slot  # still starting
             try:
-                slot.info = ray.get(slot.info_ref, timeout=0.5)
+                slot.info = ray.get(slot.info_ref)
                 return slot
-            except (GetTimeoutError, RayError):
-                ray.kill(slot.actor, no_restart=True)
+            except RayError:
+                _kill(slot.actor)
         return None
 
     def _refill_spares(self) -> None:
