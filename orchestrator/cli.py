@@ -59,7 +59,8 @@ def _run(args: argparse.Namespace) -> int:
     if address:
         ray.init(address=address)
     else:
-        ray.init(include_dashboard=False)
+        # "local": always a new instance, even if `ray start` left a cluster on this machine.
+        ray.init(address="local", include_dashboard=False)
     try:
         driver = Driver(config, RayWorkerGroup(config), RunLayout(storage, config.run.name))
         result = driver.run()

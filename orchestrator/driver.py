@@ -25,7 +25,7 @@ from orchestrator.config import JobConfig
 from orchestrator.errors import PlacementError
 from orchestrator.events import EventLog, Goodput
 from orchestrator.failures import (Action, Failure, FailureKind, Incident, RankResult, classify,
-                                   decide, describe)
+                                   decide, describe, is_peer_echo)
 from orchestrator.messages import AttemptSpec, WorkerReport
 from orchestrator.worker_group import WorkerGroup, WorkerStartError
 
@@ -34,6 +34,9 @@ log = logging.getLogger("orchestrator.driver")
 POLL_INTERVAL_S = 0.25
 """How often RUNNING checks the gang. A death surfaces on the run refs at once; this bounds
 how stale progress and events may be, and adds at most this much to hang detection."""
+
+PROBE_TIMEOUT_S = 2.0
+"""How long a rank suspected gone gets to answer a poll."""
 
 _LOST_KINDS = (FailureKind.WORKER_DIED, FailureKind.NODE_DIED, FailureKind.HANG)
 
@@ -98,12 +101,16 @@ class _RankWatch:
 class Driver:
     def __init__(self, config: JobConfig, group: WorkerGroup, layout: RunLayout,
                  clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        """`clock` stamps events; `monotonic` times deadlines and hangs; `sleep` waits out
+        back-offs. Unit tests replace all three."""
         self._config = config
         self._group = group
         self._layout = layout
         self._clock = clock
         self._sleep = sleep
+        self._monotonic = monotonic
         self.events = EventLog(layout, clock)
         self.state: State = Starting(attempt=0)
         self.incidents: list[Incident] = []
@@ -174,7 +181,7 @@ class Driver:
             checkpoint_interval_steps=cfg.checkpoint.interval_steps,
             restore_candidates=[c.step for c in candidates],
             faults=pending_faults(cfg.chaos, self._layout)))
-        now = time.monotonic()
+        now = self._monotonic()
         self._watch_of = {r: _RankWatch(progressed_at=now, answered_at=now)
                           for r in range(len(infos))}
         self._awaiting_first_step = True
@@ -195,6 +202,7 @@ class Driver:
             self._group.kill(hung)
         if hung or any(not r.ok for r in results.values()):
             self._collect_rest(results)
+            self._find_culprits(results)
             for rank in hung:
                 results[rank] = replace(results.get(rank) or RankResult(rank=rank, step=-1, ok=False),
                                         ok=False, hung=True, died=False,
@@ -210,18 +218,28 @@ class Driver:
     def _collect_rest(self, results: dict[int, RankResult]) -> None:
         """Give the root cause a moment to surface before deciding: a killed rank's peers
         fail about a second later with echo errors, and vice versa."""
-        deadline = time.monotonic() + self._config.failure.failure_grace_s
-        while len(results) < len(self._watch_of) and time.monotonic() < deadline:
-            for r in self._group.wait(max(deadline - time.monotonic(), 0.01)):
+        deadline = self._monotonic() + self._config.failure.failure_grace_s
+        while len(results) < len(self._watch_of) and self._monotonic() < deadline:
+            for r in self._group.wait(max(deadline - self._monotonic(), 0.01)):
                 results[r.rank] = r
         self._absorb(self._group.poll(POLL_INTERVAL_S))
+
+    def _find_culprits(self, results: dict[int, RankResult]) -> None:
+        """When every failure so far is a peer's "connection closed" echo, the cause is a rank
+        that has not reported: one that no longer answers is gone (its process or its node;
+        Ray may not have noticed yet)."""
+        failed = [r for r in results.values() if not r.ok]
+        missing = set(self._watch_of) - set(results)
+        if missing and failed and all(is_peer_echo(r) for r in failed):
+            for r in self._group.probe(missing, PROBE_TIMEOUT_S):
+                results[r.rank] = r
 
     def _hung_ranks(self, ended: set[int]) -> set[int]:
         """Ranks without progress for hang_timeout_s. A rank that stopped answering polls is
         the culprit; peers blocked in a collective with it answer, and are spared. When every
         stalled rank still answers (a deadlock, a stuck collective), all of them are hung."""
         timeout_s = self._config.failure.hang_timeout_s
-        now = time.monotonic()
+        now = self._monotonic()
         stalled = {r for r, w in self._watch_of.items()
                    if r not in ended and now - w.progressed_at > timeout_s}
         if not stalled:
@@ -238,7 +256,7 @@ class Driver:
         return [replace(r, step=gang_step) if r.step < 0 else r for r in results.values()]
 
     def _absorb(self, reports: list[WorkerReport]) -> None:
-        now = time.monotonic()
+        now = self._monotonic()
         for report in reports:
             watch = self._watch_of.get(report.rank)
             if watch is not None:

@@ -27,6 +27,9 @@ class FailureKind(str, enum.Enum):
     """No progress for failure.hang_timeout_s (blocked collective, stopped process)."""
     PREEMPTED = "preempted"
     """The worker got a preemption notice (SIGTERM, node drain) and stopped after a save."""
+    COMMUNICATION = "communication_error"
+    """A collective failed because a peer's connection broke, and no peer is known to be
+    gone (a network fault)."""
     START_FAILED = "start_failed"
     """The gang could not be started or could not form its process group in time."""
     USER_ERROR = "user_error"
@@ -98,6 +101,8 @@ def classify(results: list[RankResult], attempt: int) -> list[Failure]:
             return FailureKind.NODE_DIED
         if r.died:
             return FailureKind.WORKER_DIED
+        if is_peer_echo(r):
+            return FailureKind.COMMUNICATION
         return FailureKind.USER_ERROR
 
     failed = [r for r in results if not r.ok]

@@ -50,6 +50,10 @@ class WorkerGroup(Protocol):
     def kill(self, ranks: set[int]) -> None:
         """Kill these ranks' processes now (hung workers)."""
 
+    def probe(self, ranks: set[int], timeout_s: float) -> list[RankResult]:
+        """Of `ranks`, those whose worker does not answer within `timeout_s`, as dead ranks
+        (on a dead node, when Ray already knows the node is gone)."""
+
     def shutdown(self) -> None:
         """Kill every actor and release the placement group. Safe to call twice."""
 
@@ -222,6 +226,27 @@ class RayWorkerGroup:
             except RayError:
                 pass  # a dead worker: its run ref reports the death
         return reports
+
+    def probe(self, ranks: set[int], timeout_s: float) -> list[RankResult]:
+        refs = {self._ranks[r].actor.poll.remote(): r for r in ranks}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        answered = set()
+        for ref in ready:
+            try:
+                ray.get(ref)
+                answered.add(refs[ref])
+            except RayError:
+                pass
+        results = []
+        for rank in sorted(set(ranks) - answered):
+            node_id = self._ranks[rank].info.node_id if self._ranks[rank].info else ""
+            node_died = not _node_alive(node_id)
+            results.append(RankResult(
+                rank=rank, step=-1, ok=False, died=True, node_died=node_died, node_id=node_id,
+                message=("its node left the cluster" if node_died else
+                         f"the worker stopped answering (no reply in {timeout_s:.0f}s) "
+                         f"while its peers lost their connection to it")))
+        return results
 
     def kill(self, ranks: set[int]) -> None:
         for rank in ranks:

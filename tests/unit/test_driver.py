@@ -33,6 +33,7 @@ class FakeGroup:
         self.shutdowns = 0
         self.formed: list[set[int]] = []
         self.killed: set[int] = set()
+        self.answering_probe: set[int] = set()
         self._batches: list[list[RankResult]] = []
 
     def form(self, lost_ranks):
@@ -53,6 +54,11 @@ class FakeGroup:
     def poll(self, timeout_s):
         reports, self.reports = self.reports, []
         return reports
+
+    def probe(self, ranks, timeout_s):
+        return [RankResult(rank=r, step=-1, ok=False, died=True, node_died=True,
+                           message="its node left the cluster") for r in sorted(ranks)
+                if r not in self.answering_probe]
 
     def kill(self, ranks):
         self.killed |= set(ranks)
@@ -206,3 +212,91 @@ def test_worker_events_land_in_the_log_and_the_summary_counts_lost_steps(layout)
     assert result.summary["steps_completed"] == 20
     committed = driver.events.events("checkpoint_committed")
     assert committed[0]["rank"] == 0 and committed[0]["step"] == 5
+
+
+class ClockedGroup(FakeGroup):
+    """A fake whose wait() lets simulated time pass, for hang detection."""
+
+    def __init__(self, attempts, **kw) -> None:
+        super().__init__(attempts, **kw)
+        self.now = 1000.0
+        self.answering: set[int] = {0, 1}
+        self.seq = {0: 0, 1: 0}
+
+    def wait(self, timeout_s):
+        self.now += timeout_s
+        return super().wait(timeout_s)
+
+    def poll(self, timeout_s):
+        return [WorkerReport(rank=r, step=self.seq[r], step_time=0.0, metrics={},
+                             progress_seq=self.seq[r], step_durations=[], events=[])
+                for r in sorted(self.answering)]
+
+
+def hang_driver(layout, group, hang_timeout_s=5.0):
+    sleeps = []
+    driver = Driver(config_for(layout, hang_timeout_s=hang_timeout_s), group, layout,
+                    sleep=sleeps.append, monotonic=lambda: group.now)
+    return driver, sleeps
+
+
+def test_a_rank_that_stops_answering_is_the_hung_one_and_only_it_is_killed(layout):
+    group = ClockedGroup([[], [[ok(0), ok(1)]]])
+    driver, _ = hang_driver(layout, group)
+    driver.step()  # STARTING -> RUNNING
+    for _ in range(8):  # both ranks progress for 2 s
+        group.seq = {0: group.seq[0] + 1, 1: group.seq[1] + 1}
+        driver.step()
+    group.answering = {0}  # rank 1 is SIGSTOPped; rank 0 waits for it in a collective
+    while isinstance(driver.state, Running):
+        driver.step()
+        assert group.now < 1000 + 2 + 5 + 1, "not detected within hang_timeout_s + 1 s"
+    assert group.killed == {1}
+    assert driver.state == Recovering(attempt=0, lost=frozenset({1}))
+    (failure,) = driver.incidents[0].failures
+    assert failure.kind.value == "hang" and "no progress for 5s" in failure.message
+    assert driver.events.events("hang_detected")[0]["ranks"] == [1]
+
+
+def test_when_every_stalled_rank_still_answers_all_are_hung(layout):
+    group = ClockedGroup([[], [[ok(0), ok(1)]]])
+    driver, _ = hang_driver(layout, group)
+    driver.step()
+    while isinstance(driver.state, Running):  # nobody ever progresses: a deadlock
+        driver.step()
+    assert group.killed == {0, 1}
+    assert {f.kind.value for f in driver.incidents[0].failures} == {"hang"}
+    assert driver.state.lost == frozenset({0, 1})
+
+
+def test_progress_keeps_a_slow_rank_alive(layout):
+    group = ClockedGroup([[], [[ok(0), ok(1)]]])
+    driver, _ = hang_driver(layout, group, hang_timeout_s=2.0)
+    driver.step()
+    for _ in range(100):  # 25 s of simulated time, a step every 1.75 s
+        if int(group.now * 4) % 7 == 0:
+            group.seq = {0: group.seq[0] + 1, 1: group.seq[1] + 1}
+        driver.step()
+    assert isinstance(driver.state, Running) and group.killed == set()
+
+
+def test_restarts_in_a_row_back_off(layout):
+    group = FakeGroup([[[died(1)]], [[died(0)]], [[died(1)]], [[ok(0), ok(1)]]])
+    sleeps = []
+    config = config_for(layout, backoff_initial_s=1.5, backoff_multiplier=2.0)
+    result = Driver(config, group, layout, sleep=sleeps.append).run()
+    assert result.succeeded
+    assert sleeps == [1.5, 3.0]  # the first restart goes at once
+    assert [e["delay_s"] for e in Driver(config, group, layout).events.events("decision")] == [
+        0.0, 1.5, 3.0]
+
+
+def test_peer_echoes_lead_to_the_rank_that_no_longer_answers(layout):
+    echo = RankResult(rank=0, step=9, ok=False, message="RuntimeError: Connection closed by peer")
+    group = FakeGroup([[[echo]], [[ok(0), ok(1)]]])  # rank 1 never reports: its node is gone
+    driver = Driver(config_for(layout), group, layout)
+    driver.step()
+    driver.step()
+    assert driver.state == Recovering(attempt=0, lost=frozenset({1}))
+    (failure,) = driver.incidents[0].failures
+    assert (failure.kind.value, failure.rank) == ("node_died", 1)

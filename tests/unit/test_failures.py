@@ -127,3 +127,8 @@ def test_backoff_grows_for_failures_in_a_row_and_resets_after_sustained_progress
     history.append(incident([died(0)], 7))
     assert backoff_s(history, config) == 1
     assert decide(history, config).delay_s == 1
+
+
+def test_echoes_alone_are_a_communication_failure_not_the_users_fault():
+    failures = classify([raised(0, "RuntimeError: [gloo] Connection reset by peer")], attempt=0)
+    assert failures[0].kind is FailureKind.COMMUNICATION and failures[0].kind.is_infrastructure

@@ -1,0 +1,136 @@
+"""End to end on clusters: a node lost under the workers, and the driver itself killed.
+
+The driver runs as `orchestrator run --address ...` in a subprocess, exactly as a user (or
+`ray job submit`) runs it; the test plays the cloud: it removes a node, or SIGKILLs the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+
+from orchestrator.checkpoint.commit import committed_checkpoints
+from orchestrator.checkpoint.layout import RunLayout
+from orchestrator.checkpoint.storage import Storage
+from tests.helpers import assert_same_final_state, events_of, make_config, run_job
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+ARGS = {"steps": 60, "step_time_s": 0.05}
+
+
+def start_driver(address: str, storage: Path, name: str, *overrides: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", "--address", address,
+         "--set", f"run.storage={storage}", "--set", f"run.name={name}",
+         "--set", "workload.entrypoint=workloads.mlp:train",
+         "--set", "workload.args={steps: 60, step_time_s: 0.05}",
+         "--set", "checkpoint.interval_steps=5", *[a for o in overrides for a in ("--set", o)]],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def poll_until(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def events(layout: RunLayout, kind: str) -> list[dict]:
+    return events_of(layout, kind) if layout.storage.exists(*layout.events) else []
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, tmp_path_factory):
+    config = make_config(str(tmp_path_factory.mktemp("ref")), "ref",
+                         workload={"entrypoint": "workloads.mlp:train", "args": ARGS},
+                         checkpoint={"interval_steps": 5})
+    result, layout = run_job(config)
+    assert result.succeeded
+    return layout
+
+
+@pytest.fixture(scope="module")
+def three_node_cluster():
+    """A head that runs no workers and three 1-CPU worker nodes, one of them spare.
+
+    The GCS health check is tuned from 3 s x 5 to 0.5 s x 2, as one would on a cluster of
+    preemptible machines, so that Ray declares a lost node dead within about a second.
+    """
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 0,
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 2,
+                           "health_check_timeout_ms": 500},
+    })
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
+    yield cluster, nodes
+    cluster.shutdown()
+
+
+def test_node_loss_moves_the_lost_rank_to_a_surviving_node(three_node_cluster, tmp_path,
+                                                          reference):
+    cluster, nodes = three_node_cluster
+    driver = start_driver(cluster.address, tmp_path, "nodeloss",
+                          "scaling.placement_strategy=SPREAD", "failure.max_restarts=2")
+    layout = RunLayout(Storage(str(tmp_path)), "nodeloss")
+    try:
+        poll_until(lambda: any(e["step"] >= 10 for e in events(layout, "checkpoint_committed")),
+                   120, "the first checkpoints")
+        node_of_rank1 = events(layout, "workers_started")[0]["workers"][1]["node_id"]
+        (victim,) = [n for n in nodes if n.node_id == node_of_rank1]
+        cluster.remove_node(victim, allow_graceful=False)
+        output, _ = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, output[-3000:]
+    (failure,) = events(layout, "failure")
+    assert (failure["failure_kind"], failure["rank"]) == ("node_died", 1)
+    (restart,) = events(layout, "restart")
+    assert restart["replaced_ranks"] == [1]
+    workers = events(layout, "workers_started")[1]["workers"]
+    assert node_of_rank1 not in {w["node_id"] for w in workers}
+    assert workers[0]["pid"] == events(layout, "workers_started")[0]["workers"][0]["pid"]
+    assert_same_final_state(layout, reference, ARGS["steps"])
+
+
+def test_a_new_driver_resumes_the_run_of_a_killed_one(ray_cluster, tmp_path, reference):
+    layout = RunLayout(Storage(str(tmp_path)), "driverloss")
+    first = start_driver(ray_cluster, tmp_path, "driverloss")
+    try:
+        poll_until(lambda: any(e["step"] >= 15 for e in events(layout, "checkpoint_committed")),
+                   120, "the first checkpoints")
+        pids = [w["pid"] for w in events(layout, "workers_started")[0]["workers"]]
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        first.kill()
+    # Ray ends a dead driver's actors and placement group: nothing keeps running or holding
+    # resources.
+    poll_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status()
+                               != psutil.STATUS_ZOMBIE for p in pids), 60, "the workers to end")
+    poll_until(lambda: ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"],
+               60, "the resources to return")
+    candidates, _ = committed_checkpoints(layout)
+    latest = candidates[0].step
+
+    second = start_driver(ray_cluster, tmp_path, "driverloss")
+    output, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, output[-3000:]
+    assert len(events(layout, "driver_resumed")) == 1
+    assert [e["step"] for e in events(layout, "checkpoint_restored")] == [latest]
+    assert_same_final_state(layout, reference, ARGS["steps"])
