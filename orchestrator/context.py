@@ -8,6 +8,7 @@ the commit protocol, fault injection -- is the orchestrator's business.
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,38 @@ class Reporter:
             return out
 
 
+class StopMode(enum.IntEnum):
+    """How urgently an attempt should end; ranks agree on the highest any of them holds."""
+
+    NONE = 0
+    AT_CHECKPOINT = 1
+    """Stop after the next scheduled checkpoint (to change the world size)."""
+    NOW = 2
+    """Checkpoint after the step in progress, then stop (a preemption notice)."""
+
+
+class StopRequest:
+    """A request to end the attempt gracefully, set from outside the training thread (the
+    SIGTERM handler, or the driver through the actor)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.mode = StopMode.NONE
+        self.reason = ""
+
+    def request(self, mode: StopMode, reason: str) -> None:
+        with self._lock:
+            if mode > self.mode:
+                self.mode, self.reason = mode, reason
+
+
+class AttemptStopped(BaseException):
+    """Unwinds the workload after the checkpoint that a stop request asked for.
+
+    A BaseException, so that a workload's `except Exception` does not swallow it.
+    """
+
+
 class TrainState(Stateful):
     """Model, optimizer, LR scheduler, step and data position as one DCP-saveable object.
 
@@ -105,7 +138,7 @@ class TrainContext:
     def __init__(self, *, rank: int, world_size: int, local_rank: int, device: torch.device,
                  args: dict[str, Any], attempt: int, checkpoint_interval_steps: int,
                  restore_candidates: list[int], checkpoints: CheckpointManager,
-                 faults: FaultInjector, reporter: Reporter) -> None:
+                 faults: FaultInjector, reporter: Reporter, stop: StopRequest) -> None:
         self.rank = rank
         self.world_size = world_size
         self.local_rank = local_rank
@@ -118,6 +151,8 @@ class TrainContext:
         self._checkpoints = checkpoints
         self._faults = faults
         self._reporter = reporter
+        self._stop = stop
+        self._agreed_stop = StopMode.NONE
         self._last_report = time.monotonic()
 
     def restore(self, state: dict[str, Any]) -> int:
@@ -131,7 +166,9 @@ class TrainContext:
         return step
 
     def checkpoint_due(self, step: int) -> bool:
-        return step % self._interval_steps == 0
+        """Whether to save after `step`: on the interval, or at once when the gang agreed to
+        stop now (a preemption notice). Every rank gets the same answer."""
+        return step % self._interval_steps == 0 or self._agreed_stop is StopMode.NOW
 
     def save_checkpoint(self, step: int, state: dict[str, Any],
                         metrics: dict[str, float] | None = None) -> None:
@@ -140,6 +177,8 @@ class TrainContext:
         self._reporter.alive()
         # A save's time is not the next step's: restart the step clock.
         self._last_report = time.monotonic()
+        if self._agreed_stop is not StopMode.NONE:
+            raise AttemptStopped(self._stop.reason or "a peer was asked to stop")
 
     def report(self, step: int, **metrics: float) -> None:
         """Publish that `step` is done, with its metrics. Call on every rank after each step."""
@@ -148,3 +187,6 @@ class TrainContext:
                                  {k: float(v) for k, v in metrics.items()})
         self._last_report = now
         self._faults.on_step_end(step)
+        # A sync point, one small all-reduce a step: every rank must take the same decision
+        # to checkpoint and stop, whichever rank got the notice.
+        self._agreed_stop = StopMode(self._checkpoints.agree_max(int(self._stop.mode)))

@@ -26,6 +26,7 @@ from orchestrator.errors import PlacementError
 from orchestrator.events import EventLog, Goodput
 from orchestrator.failures import (Action, Failure, FailureKind, Incident, RankResult, classify,
                                    decide, describe, is_peer_echo)
+from orchestrator.context import StopMode
 from orchestrator.messages import AttemptSpec, WorkerReport
 from orchestrator.worker_group import WorkerGroup, WorkerStartError
 
@@ -38,7 +39,11 @@ how stale progress and events may be, and adds at most this much to hang detecti
 PROBE_TIMEOUT_S = 2.0
 """How long a rank suspected gone gets to answer a poll."""
 
-_LOST_KINDS = (FailureKind.WORKER_DIED, FailureKind.NODE_DIED, FailureKind.HANG)
+CLUSTER_CHECK_INTERVAL_S = 1.0
+"""How often RUNNING asks Ray about draining nodes and free room (elastic growth)."""
+
+_LOST_KINDS = (FailureKind.WORKER_DIED, FailureKind.NODE_DIED, FailureKind.HANG,
+               FailureKind.PREEMPTED)
 
 
 # --- states: one class each, holding only its own data -----------------------------------
@@ -49,6 +54,8 @@ class Starting:
     attempt: int
     lost: frozenset[int] = frozenset()
     """Ranks whose workers are gone and must be replaced; the others are reused."""
+    regroup: bool = False
+    """Place the whole gang anew, at the world size the cluster allows now (elastic)."""
     terminal = False
 
 
@@ -65,6 +72,7 @@ class Recovering:
     attempt: int
     lost: frozenset[int] = frozenset()
     delay_s: float = 0.0
+    regroup: bool = False
     terminal = False
 
 
@@ -120,6 +128,9 @@ class Driver:
         self._awaiting_first_step = False
         """Whether this attempt's first finished step is still to be logged (the end of a
         recovery, as far as users are concerned)."""
+        self._stop_requested: set[int] = set()
+        """Ranks asked to stop after a checkpoint in this attempt (each is asked once)."""
+        self._next_cluster_check = 0.0
         self._attempt_span: tuple[float, float] | None = None
         """Monotonic times at which the first and the latest step of this attempt were seen."""
 
@@ -161,6 +172,8 @@ class Driver:
                              replaced_ranks=sorted(state.lost))
             self._goodput.record_restore(from_step)
         try:
+            if state.regroup:
+                self._group.shutdown()
             infos = self._group.form(set(state.lost))
         except PlacementError as e:
             self._set_state(Failed(reason=str(e)))
@@ -184,6 +197,11 @@ class Driver:
         now = self._monotonic()
         self._watch_of = {r: _RankWatch(progressed_at=now, answered_at=now)
                           for r in range(len(infos))}
+        self._stop_requested: set[int] = set()
+        self._next_cluster_check = now
+        if len(infos) != cfg.scaling.num_workers:
+            self.events.emit("elastic_world_size", world_size=len(infos),
+                             num_workers=cfg.scaling.num_workers)
         self._awaiting_first_step = True
         self._attempt_span = None
         self._set_state(Running(attempt=state.attempt))
@@ -211,9 +229,46 @@ class Driver:
             self._on_incident(state.attempt, classify(self._with_known_steps(results),
                                                       state.attempt))
         elif len(results) == len(self._watch_of):
-            self._set_state(Succeeded())
+            if any(r.stopped for r in results.values()):
+                self._on_stopped(state.attempt, results)
+            else:
+                self._set_state(Succeeded())
         else:
+            self._check_cluster()
             self.state = Running(attempt=state.attempt, results=results)
+
+    def _check_cluster(self) -> None:
+        """Once a second: pass preemption notices of draining nodes on to their ranks, and
+        when the gang runs below num_workers and room is back, ask it to stop at the next
+        checkpoint so it can grow."""
+        now = self._monotonic()
+        if now < self._next_cluster_check:
+            return
+        self._next_cluster_check = now + CLUSTER_CHECK_INTERVAL_S
+        draining = self._group.draining_ranks() - self._stop_requested
+        if draining:
+            self.events.emit("preemption_notice", ranks=sorted(draining), source="node drain")
+            self._group.request_stop(draining, StopMode.NOW, "preemption notice: node draining")
+            self._stop_requested |= draining
+        if not self._stop_requested and self._group.missing_workers_placeable():
+            ranks = set(self._watch_of)
+            self.events.emit("grow_requested", num_workers=self._config.scaling.num_workers)
+            self._group.request_stop(ranks, StopMode.AT_CHECKPOINT,
+                                     "resources are back: growing to scaling.num_workers")
+            self._stop_requested |= ranks
+
+    def _on_stopped(self, attempt: int, results: dict[int, RankResult]) -> None:
+        """The gang checkpointed and stopped on request: a preemption (the noticed ranks'
+        workers are about to go, and are replaced) or a resize (placed anew)."""
+        noticed = [r for r in results.values() if r.got_notice]
+        if noticed:
+            self._on_incident(attempt, [
+                Failure(kind=FailureKind.PREEMPTED, rank=r.rank, step=r.step, message=r.stopped,
+                        attempt=attempt, node_id=r.node_id) for r in noticed])
+        else:
+            self.events.emit("resize", from_world_size=len(results),
+                             to_num_workers=self._config.scaling.num_workers)
+            self._set_state(Recovering(attempt=attempt, regroup=True))
 
     def _collect_rest(self, results: dict[int, RankResult]) -> None:
         """Give the root cause a moment to surface before deciding: a killed rank's peers
@@ -295,7 +350,12 @@ class Driver:
             self._set_state(Failed(reason=self._stop_message(decision.reason)))
             return
         lost = frozenset(f.rank for f in failures if f.kind in _LOST_KINDS)
-        self._set_state(Recovering(attempt=attempt, lost=lost, delay_s=decision.delay_s))
+        self._set_state(Recovering(attempt=attempt, lost=lost, delay_s=decision.delay_s,
+                                   regroup=self._below_full_size()))
+
+    def _below_full_size(self) -> bool:
+        """An elastic gang is placed anew after a failure, to grow back if it can."""
+        return 0 < len(self._watch_of) < self._config.scaling.num_workers
 
     def _stop_message(self, reason: str) -> str:
         lines = [f"job stopped: {reason}", "failures:"]
@@ -307,7 +367,8 @@ class Driver:
     def _recover(self, state: Recovering) -> None:
         if state.delay_s > 0:
             self._sleep(state.delay_s)
-        self._set_state(Starting(attempt=state.attempt + 1, lost=state.lost))
+        self._set_state(Starting(attempt=state.attempt + 1, lost=state.lost,
+                                 regroup=state.regroup))
 
     # --- the end ---------------------------------------------------------------------------
 

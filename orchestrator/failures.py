@@ -71,6 +71,10 @@ class RankResult:
     message: str = ""
     traceback: str = ""
     node_id: str = ""
+    stopped: str = ""
+    """Why the rank ended its attempt early and cleanly, after a checkpoint."""
+    got_notice: bool = False
+    """The rank itself received a preemption notice."""
 
 
 # Errors a rank gets because a *peer* went away: echoes of a root cause elsewhere, never the

@@ -65,6 +65,10 @@ class WorkerOutcome:
     rank: int
     step: int
     error: ErrorInfo | None = None
+    stopped: str = ""
+    """Why the attempt ended early but cleanly, after a checkpoint ("" if it ran to the end)."""
+    got_notice: bool = False
+    """This rank itself received the preemption notice (SIGTERM or its node draining)."""
 
     @property
     def ok(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import threading
 from datetime import timedelta
 
@@ -23,7 +24,7 @@ from orchestrator.chaos import FaultInjector
 from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.manager import CheckpointManager
 from orchestrator.checkpoint.storage import Storage
-from orchestrator.context import Reporter, TrainContext
+from orchestrator.context import AttemptStopped, Reporter, StopMode, StopRequest, TrainContext
 from orchestrator.messages import AttemptSpec, ErrorInfo, Rendezvous, WorkerInfo, WorkerOutcome, WorkerReport
 
 _ABORT_TIMEOUT_S = 5.0
@@ -38,8 +39,20 @@ class TrainWorker:
             except Exception:  # noqa: BLE001 -- run() reports it, with its traceback
                 pass
         self._reporter = Reporter()
+        self._stop = StopRequest()
         self._rdzv: Rendezvous | None = None
         self._ckpt_group: dist.ProcessGroup | None = None
+        # A preemption notice (the cloud's SIGTERM) asks for a checkpoint now instead of
+        # Ray's default of exiting at once. The actor's constructor runs on the main thread,
+        # the only one allowed to install signal handlers.
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop.request(StopMode.NOW, "preemption notice: SIGTERM")
+
+    def request_stop(self, mode: int, reason: str) -> None:
+        """Ask the running attempt to end after a checkpoint (see StopMode)."""
+        self._stop.request(StopMode(mode), reason)
 
     def info(self) -> WorkerInfo:
         import ray
@@ -72,6 +85,8 @@ class TrainWorker:
         self._ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
         self._rdzv = rdzv
         self._reporter = Reporter()
+        if self._stop.mode is not StopMode.NOW:  # a notice of preemption stays in force
+            self._stop = StopRequest()
 
     def run(self, spec: AttemptSpec) -> WorkerOutcome:
         """Run the workload to its end. Failures come back as data, never as exceptions."""
@@ -90,8 +105,11 @@ class TrainWorker:
                 device=device, args=spec.args, attempt=spec.attempt,
                 checkpoint_interval_steps=spec.checkpoint_interval_steps,
                 restore_candidates=spec.restore_candidates, checkpoints=manager,
-                faults=faults, reporter=self._reporter)
+                faults=faults, reporter=self._reporter, stop=self._stop)
             _load_entrypoint(spec.entrypoint)(ctx)
+        except AttemptStopped as e:
+            return WorkerOutcome(rank=rdzv.rank, step=self._reporter.progress.step,
+                                 stopped=str(e), got_notice=self._stop.mode is StopMode.NOW)
         # BaseException: DCP's CheckpointException derives from it, not from Exception.
         except BaseException as e:  # noqa: BLE001 -- reported to the driver as data
             error = ErrorInfo.from_exception(e)

@@ -50,6 +50,15 @@ class WorkerGroup(Protocol):
     def kill(self, ranks: set[int]) -> None:
         """Kill these ranks' processes now (hung workers)."""
 
+    def request_stop(self, ranks: set[int], mode: int, reason: str) -> None:
+        """Ask these ranks to end the attempt after a checkpoint (see context.StopMode)."""
+
+    def draining_ranks(self) -> set[int]:
+        """Ranks on nodes that Ray is draining (a preemption notice for the node)."""
+
+    def missing_workers_placeable(self) -> bool:
+        """Whether the gang runs below num_workers and the cluster could now place the rest."""
+
     def probe(self, ranks: set[int], timeout_s: float) -> list[RankResult]:
         """Of `ranks`, those whose worker does not answer within `timeout_s`, as dead ranks
         (on a dead node, when Ray already knows the node is gone)."""
@@ -78,19 +87,25 @@ class RayWorkerGroup:
         self._ranks: list[_Slot | None] = []  # None only while form() replaces a rank
         self._spares: list[_Slot] = []
         self._pending: dict = {}  # run ref -> rank
+        self._world = config.scaling.num_workers
+        self._spare_count = config.scaling.spare_workers
+        """The world size the gang was placed with: below num_workers when elastic."""
 
     # --- forming the gang --------------------------------------------------------------------
 
     def form(self, lost_ranks: set[int]) -> list[WorkerInfo]:
         scaling, failure = self._config.scaling, self._config.failure
         try:
-            if self._pg is None:
-                self._place()
             lost = set(lost_ranks) | self._drain_survivors(failure.drain_timeout_s)
+            if self._pg is not None and self._on_draining_nodes(lost):
+                # Their bundles sit on nodes about to go: place the whole gang anew.
+                self.shutdown()
+            if self._pg is None:
+                self._place_elastic()
             self.kill(lost)
             deadline = time.monotonic() + failure.worker_start_timeout_s
             self._ranks = [None if rank in lost or rank >= len(self._ranks) else self._ranks[rank]
-                           for rank in range(scaling.num_workers)]
+                           for rank in range(self._world)]
             for rank, slot in enumerate(self._ranks):
                 if slot is None:
                     self._ranks[rank] = self._take_spare() or self._new_slot()
@@ -108,9 +123,27 @@ class RayWorkerGroup:
                                    f"{str(e).splitlines()[0]}") from e
         return infos
 
-    def _place(self) -> None:
+    def _place_elastic(self) -> None:
+        """All num_workers (+ spares) if the cluster has room within the placement timeout;
+        else, when scaling.min_workers allows, as many workers as fit now (no spares)."""
         scaling = self._config.scaling
-        n = scaling.num_workers + scaling.spare_workers
+        try:
+            self._place(scaling.num_workers, scaling.spare_workers)
+            return
+        except PlacementError:
+            if scaling.smallest_world >= scaling.num_workers:
+                raise
+        fit = min(_workers_that_fit(scaling.resources_per_worker), scaling.num_workers - 1)
+        if fit < scaling.smallest_world:
+            raise PlacementError(
+                f"only {fit} workers fit in the cluster now ({ray.available_resources()}), "
+                f"fewer than scaling.min_workers={scaling.min_workers}")
+        log.warning("elastic: resuming with %d of %d workers", fit, scaling.num_workers)
+        self._place(fit, 0)
+
+    def _place(self, workers: int, spares: int) -> None:
+        scaling = self._config.scaling
+        n = workers + spares
         self._pg = placement_group([dict(scaling.resources_per_worker) for _ in range(n)],
                                    strategy=scaling.placement_strategy)
         try:
@@ -121,8 +154,9 @@ class RayWorkerGroup:
                 f"could not place {n} workers with {scaling.resources_per_worker} each within "
                 f"{scaling.placement_timeout_s:.0f}s; cluster resources: "
                 f"{ray.available_resources()}. Lower scaling.num_workers, "
-                f"scaling.spare_workers or scaling.resources_per_worker, or raise "
-                f"scaling.placement_timeout_s") from e
+                f"scaling.spare_workers or scaling.resources_per_worker, raise "
+                f"scaling.placement_timeout_s, or allow fewer with scaling.min_workers") from e
+        self._world, self._spare_count = workers, spares
 
     def _drain_survivors(self, timeout_s: float) -> set[int]:
         """Wait for live ranks to leave the failed attempt; those that do not are lost too."""
@@ -139,7 +173,7 @@ class RayWorkerGroup:
 
     def _new_slot(self) -> _Slot:
         used = {s.bundle for s in self._ranks + self._spares if s is not None}
-        total = self._config.scaling.num_workers + self._config.scaling.spare_workers
+        total = self._world + self._spare_count
         bundle = min(b for b in range(total) if b not in used)
         resources = dict(self._config.scaling.resources_per_worker)
         actor = _RemoteWorker.options(
@@ -170,7 +204,7 @@ class RayWorkerGroup:
 
     def _refill_spares(self) -> None:
         """Start replacement spares; they warm up (import torch) while the gang trains."""
-        while len(self._spares) < self._config.scaling.spare_workers:
+        while len(self._spares) < self._spare_count:
             self._spares.append(self._new_slot())
 
     def _info_of(self, slot: _Slot, deadline: float) -> WorkerInfo:
@@ -210,7 +244,8 @@ class RayWorkerGroup:
                               node_died=not _node_alive(node_id), error_type=type(e).__name__,
                               message=_death_message(e), node_id=node_id)
         if outcome.ok:
-            return RankResult(rank=rank, step=outcome.step, ok=True, node_id=node_id)
+            return RankResult(rank=rank, step=outcome.step, ok=True, node_id=node_id,
+                              stopped=outcome.stopped, got_notice=outcome.got_notice)
         err = outcome.error
         return RankResult(rank=rank, step=outcome.step, ok=False, error_type=err.type,
                           message=f"{err.type}: {err.message}", traceback=err.traceback,
@@ -248,6 +283,25 @@ class RayWorkerGroup:
                          f"while its peers lost their connection to it")))
         return results
 
+    def request_stop(self, ranks: set[int], mode: int, reason: str) -> None:
+        for rank in ranks:
+            self._ranks[rank].actor.request_stop.remote(mode, reason)
+
+    def draining_ranks(self) -> set[int]:
+        draining = _draining_nodes()
+        return {rank for rank, slot in enumerate(self._ranks)
+                if slot and slot.info and slot.info.node_id in draining}
+
+    def _on_draining_nodes(self, ranks: set[int]) -> bool:
+        draining = _draining_nodes()
+        return any(self._ranks[r].info and self._ranks[r].info.node_id in draining
+                   for r in ranks if r < len(self._ranks) and self._ranks[r])
+
+    def missing_workers_placeable(self) -> bool:
+        missing = self._config.scaling.num_workers - self._world
+        return missing > 0 and _workers_that_fit(
+            self._config.scaling.resources_per_worker) >= missing
+
     def kill(self, ranks: set[int]) -> None:
         for rank in ranks:
             if rank < len(self._ranks):
@@ -270,6 +324,22 @@ def _kill(actor) -> None:
         ray.kill(actor, no_restart=True)
     except RayError:
         pass
+
+
+def _workers_that_fit(per_worker: dict[str, float]) -> int:
+    """How many more workers the cluster's free resources hold, summed over nodes (an upper
+    bound: a placement group still has to find room on individual nodes)."""
+    free = ray.available_resources()
+    counts = [int(free.get(name, 0.0) // amount) for name, amount in per_worker.items() if amount > 0]
+    return min(counts) if counts else 0
+
+
+def _draining_nodes() -> set[str]:
+    """Nodes Ray is draining; a preemption notice with a deadline, for a cloud VM."""
+    try:
+        return set(ray._private.state.state.get_draining_nodes())
+    except Exception:  # noqa: BLE001 -- a private API: without it, no early notice
+        return set()
 
 
 def _left(deadline: float) -> float:

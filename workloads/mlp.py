@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from orchestrator.context import TrainContext, TrainState
+from workloads.data import rank_slice
 from workloads.common import global_mean, parse_args, seed_everything, train_loop, warmup_cosine, wrap_for_parallelism
 
 
@@ -36,9 +37,9 @@ class MLPArgs:
 
 
 def batch(seed: int, position: int, global_batch: int, rank: int, world_size: int):
-    per_rank = global_batch // world_size
-    g = torch.Generator().manual_seed(seed * 7919 + position + rank * per_rank)
-    x = torch.randn(per_rank, 8, generator=g)
+    """Sample i of the stream depends on (seed, i) alone, whatever the world size."""
+    x = torch.stack([torch.randn(8, generator=torch.Generator().manual_seed(seed * 7919 + i))
+                     for i in rank_slice(position, global_batch, rank, world_size)])
     return x, x.sum(dim=1, keepdim=True).sin()
 
 

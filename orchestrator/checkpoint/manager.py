@@ -85,10 +85,14 @@ class CheckpointManager:
                     self._emit("checkpoint_invalid", step=step, problems=problems)
                 continue
             verify_s = time.monotonic() - t0
-            dcp.load(self._with_rng(state), storage_reader=self._reader(step),
-                     process_group=self._group)
+            saved_world = commit.read_manifest(self._layout, step).world_size
+            # A rank that did not exist when the checkpoint was taken has no RNG state in
+            # it: it keeps the one it was seeded with (the world size changed: elastic).
+            to_load = self._with_rng(state) if self._rank < saved_world else dict(state)
+            dcp.load(to_load, storage_reader=self._reader(step), process_group=self._group)
             if self._rank == 0:
-                self._emit("checkpoint_restored", step=step, verify_s=round(verify_s, 3),
+                self._emit("checkpoint_restored", step=step, saved_world_size=saved_world,
+                           world_size=self._world_size, verify_s=round(verify_s, 3),
                            load_s=round(time.monotonic() - t0 - verify_s, 3))
             return step
         return 0
@@ -152,6 +156,12 @@ class CheckpointManager:
         dist.broadcast_object_list(box, src=0, group=self._group)
         if box[0]:
             raise CheckpointError(box[0])
+
+    def agree_max(self, value: int) -> int:
+        """The largest `value` over all ranks (a small collective on the checkpoint group)."""
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
+        return int(t.item())
 
     # --- plumbing --------------------------------------------------------------------------
 

@@ -134,3 +134,35 @@ def test_a_new_driver_resumes_the_run_of_a_killed_one(ray_cluster, tmp_path, ref
     assert len(events(layout, "driver_resumed")) == 1
     assert [e["step"] for e in events(layout, "checkpoint_restored")] == [latest]
     assert_same_final_state(layout, reference, ARGS["steps"])
+
+
+def test_a_node_drain_checkpoints_at_once_and_moves_off_the_node(three_node_cluster, tmp_path,
+                                                                 reference):
+    """`ray drain-node --reason PREEMPTION` is the notice a cloud integration gives Ray before
+    a spot VM goes: the job saves after the step in progress and leaves the node."""
+    cluster, nodes = three_node_cluster
+    cluster.add_node(num_cpus=1)  # the replacement the autoscaler would bring
+    driver = start_driver(cluster.address, tmp_path, "drain",
+                          "scaling.placement_strategy=SPREAD", "checkpoint.interval_steps=10")
+    layout = RunLayout(Storage(str(tmp_path)), "drain")
+    try:
+        poll_until(lambda: any(e["step"] >= 10 for e in events(layout, "checkpoint_committed")),
+                   120, "the first checkpoint")
+        node_of_rank1 = events(layout, "workers_started")[0]["workers"][1]["node_id"]
+        subprocess.run(["ray", "drain-node", "--address", cluster.address, "--node-id",
+                        node_of_rank1, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+                        "--reason-message", "spot VM reclaimed", "--deadline-remaining-seconds",
+                        "60"], check=True, capture_output=True, timeout=60)
+        output, _ = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, output[-3000:]
+    (notice,) = events(layout, "preemption_notice")
+    assert notice["ranks"] == [1] and notice["source"] == "node drain"
+    (failure,) = events(layout, "failure")
+    assert (failure["failure_kind"], failure["rank"]) == ("preempted", 1)
+    (restart,) = events(layout, "restart")
+    assert restart["from_step"] % 10 != 0  # saved at once, not at the next interval
+    workers = events(layout, "workers_started")[1]["workers"]
+    assert node_of_rank1 not in {w["node_id"] for w in workers}
+    assert_same_final_state(layout, reference, ARGS["steps"])

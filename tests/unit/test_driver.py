@@ -34,6 +34,9 @@ class FakeGroup:
         self.formed: list[set[int]] = []
         self.killed: set[int] = set()
         self.answering_probe: set[int] = set()
+        self.stop_requests: list = []
+        self.draining: set[int] = set()
+        self.can_grow = False
         self._batches: list[list[RankResult]] = []
 
     def form(self, lost_ranks):
@@ -59,6 +62,15 @@ class FakeGroup:
         return [RankResult(rank=r, step=-1, ok=False, died=True, node_died=True,
                            message="its node left the cluster") for r in sorted(ranks)
                 if r not in self.answering_probe]
+
+    def request_stop(self, ranks, mode, reason):
+        self.stop_requests.append((set(ranks), int(mode), reason))
+
+    def draining_ranks(self):
+        return set(self.draining)
+
+    def missing_workers_placeable(self):
+        return self.can_grow
 
     def kill(self, ranks):
         self.killed |= set(ranks)
