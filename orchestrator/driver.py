@@ -39,6 +39,9 @@ how stale progress and events may be, and adds at most this much to hang detecti
 PROBE_TIMEOUT_S = 2.0
 """How long a rank suspected gone gets to answer a poll."""
 
+PROGRESS_EVERY_S = 2.0
+"""How often rank 0's step and metrics go to the log and events.jsonl."""
+
 CLUSTER_CHECK_INTERVAL_S = 1.0
 """How often RUNNING asks Ray about draining nodes and free room (elastic growth)."""
 
@@ -131,6 +134,7 @@ class Driver:
         self._stop_requested: set[int] = set()
         """Ranks asked to stop after a checkpoint in this attempt (each is asked once)."""
         self._next_cluster_check = 0.0
+        self._next_progress = 0.0
         self._attempt_span: tuple[float, float] | None = None
         """Monotonic times at which the first and the latest step of this attempt were seen."""
 
@@ -326,6 +330,12 @@ class Driver:
                     self._goodput.record_restore(event["step"])
             if report.rank == 0 and report.step_durations:
                 self._attempt_span = (self._attempt_span or (now, now))[0], now
+                if now >= self._next_progress:
+                    self._next_progress = now + PROGRESS_EVERY_S
+                    self.events.emit("progress", attempt=self.state.attempt, step=report.step,
+                                     metrics=report.metrics)
+                    log.info("step %d %s", report.step, " ".join(
+                        f"{k}={v:.4g}" for k, v in report.metrics.items()))
                 for step, duration_s, _ in report.step_durations:
                     self._goodput.record_step(step, duration_s)
                 if self._awaiting_first_step:

@@ -108,7 +108,7 @@ def commit_step(layout, step):
 
 
 def kinds(driver):
-    return [e["kind"] for e in driver.events.events() if e["kind"] != "state"]
+    return [e["kind"] for e in driver.events.events() if e["kind"] not in ("state", "progress")]
 
 
 def test_happy_path_one_transition_at_a_time(layout):
@@ -312,3 +312,49 @@ def test_peer_echoes_lead_to_the_rank_that_no_longer_answers(layout):
     assert driver.state == Recovering(attempt=0, lost=frozenset({1}))
     (failure,) = driver.incidents[0].failures
     assert (failure.kind.value, failure.rank) == ("node_died", 1)
+
+
+def stopped(rank, step=13, notice=False, reason="preemption notice: SIGTERM"):
+    return RankResult(rank=rank, step=step, ok=True, stopped=reason, got_notice=notice)
+
+
+def test_a_preemption_notice_is_an_infrastructure_failure_replacing_the_noticed_rank(layout):
+    group = FakeGroup([[[stopped(0), stopped(1, notice=True)]], [[ok(0), ok(1)]]])
+    driver = Driver(config_for(layout), group, layout)
+    driver.step()
+    driver.step()
+    assert driver.state == Recovering(attempt=0, lost=frozenset({1}))
+    (failure,) = driver.incidents[0].failures
+    assert (failure.kind.value, failure.rank, failure.step) == ("preempted", 1, 13)
+
+
+def test_draining_nodes_get_the_notice_once(layout):
+    group = FakeGroup([[[], [], [], []]])
+    group.draining = {1}
+    now = [0.0]
+    driver = Driver(config_for(layout), group, layout, monotonic=lambda: now[0])
+    driver.step()
+    for _ in range(3):
+        now[0] += 2.0
+        driver.step()
+    assert group.stop_requests == [({1}, 2, "preemption notice: node draining")]
+    assert driver.events.events("preemption_notice")[0]["ranks"] == [1]
+
+
+def test_room_for_missing_workers_asks_for_a_stop_at_the_next_checkpoint_then_regroups(layout):
+    group = FakeGroup([[[], [stopped(0, reason="grow"), stopped(1, reason="grow")]],
+                       [[ok(0), ok(1)]]])
+    group.can_grow = True
+    driver = Driver(make_config(layout.storage.url, "run", scaling={"num_workers": 3,
+                                                                    "min_workers": 2}),
+                    group, layout)
+    driver.step()  # FakeGroup forms 2 workers: below num_workers=3
+    assert driver.events.events("elastic_world_size")[0]["world_size"] == 2
+    driver.step()
+    assert group.stop_requests == [({0, 1}, 1, "resources are back: growing to "
+                                                "scaling.num_workers")]
+    driver.step()  # both stopped after their checkpoint
+    assert driver.state == Recovering(attempt=0, regroup=True) and driver.incidents == []
+    driver.step()
+    driver.step()
+    assert group.shutdowns == 1  # placed anew, at the size the cluster allows now
