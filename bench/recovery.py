@@ -1,14 +1,24 @@
-"""Recovery after a SIGKILLed worker: ours against Ray Train's TorchTrainer, side by side.
+"""Recovery after failures: ours against Ray Train's TorchTrainer, side by side in one run.
 
-Both systems train the same GPT (workloads/gpt.py) with DDP on the same local Ray, checkpoint
-every 5 steps, and lose one worker process to SIGKILL at steps 8, 18, 28, ... (3 steps after
-a checkpoint). The process kills itself after writing a marker file; its mtime is the kill
-time. Recovery time = kill -> the end of the first training step after the restart. Steps
-lost = kill step - the step the restart resumed from.
+Scenarios, each on the same multi-node local cluster (`ray.cluster_utils.Cluster`, head plus
+three 4-CPU worker nodes; GCS health check 0.5 s x 2 for both systems), same GPT
+(workloads/gpt.py), DDP, a checkpoint every 5 steps:
 
-    python bench/recovery.py --workers 2 4 --kills 5
+  kill    the last rank SIGKILLs itself 5 times per run (steps 8, 48, 88, ...: 3 steps after
+          a checkpoint, far enough apart for a spare to warm up again); 2 and 4 workers;
+          ours with no spare and with one spare.
+  hang    rank 1 is SIGSTOPped after step 10; ours with failure.hang_timeout_s=3.
+  node    the node hosting rank 1 is removed (raylet killed) after step 10; a fresh node joins.
+  driver  the driver process is SIGKILLed after step 10 and started again at once.
 
-Writes bench/results/recovery.json and prints a markdown table for docs/benchmarks.md.
+Recovery time = the event (kill marker's mtime, or the moment the benchmark acted) -> the end
+of the first training step after the restart. Steps lost = the step reached at the event -
+the step the restart resumed from. Medians of 5.
+
+    python bench/recovery.py                       # everything (about 15 minutes here)
+    python bench/recovery.py --scenarios kill --workers 2
+
+Writes bench/results/recovery.json and prints the markdown tables of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -18,199 +28,332 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 # Ray reads these when it is imported. The baseline gets its health check tuned from the
-# default 2 s to 0.2 s, as measured in DESIGN.md, so that it is not handicapped by a default.
+# default 2 s to 0.2 s, as in DESIGN.md, so that it is not handicapped by a default.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-GPT_ARGS = {"steps": 0, "seed": 0, "n_layer": 2, "n_embd": 64, "n_head": 4, "seq_len": 64,
-            "batch_size": 8, "parallelism": "ddp"}
+import ray  # noqa: E402
+
+import ray_train_baseline as baseline  # noqa: E402
+
+GPT = {"steps": 0, "seed": 0, "n_layer": 2, "n_embd": 64, "n_head": 4, "seq_len": 64,
+       "batch_size": 8, "parallelism": "ddp"}
 INTERVAL = 5
+TRIALS = 5
+HANG_TIMEOUT_S = 3.0
+RAY_TRAIN_HANG_WAIT_S = 30.0
+KILL_SPACING = 40
 
 
-def kill_steps(kills: int) -> list[int]:
-    return [8 + 10 * i for i in range(kills)]
+def poll_until(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise TimeoutError(f"timed out waiting for {what}")
 
 
 # --- ours -----------------------------------------------------------------------------------
 
 
-def run_ours(workers: int, kills: int, root: Path) -> list[dict]:
+def our_config(root: Path, name: str, workers: int, steps: int, spares: int = 0, **sections):
+    from orchestrator.config import JobConfig, from_dict
+
+    return from_dict(JobConfig, {
+        "run": {"name": name, "storage": str(root)},
+        "workload": {"entrypoint": "workloads.gpt:train", "args": {**GPT, "steps": steps}},
+        "scaling": {"num_workers": workers, "spare_workers": spares,
+                    **sections.pop("scaling", {})},
+        "checkpoint": {"interval_steps": INTERVAL},
+        # No back-off: the failures here are minutes apart in real life, seconds apart here.
+        "failure": {"max_restarts": 10, "backoff_initial_s": 0, **sections.pop("failure", {})},
+        **sections,
+    })
+
+
+class OurRun:
+    """One of our jobs, its driver in a thread of this process."""
+
+    def __init__(self, config) -> None:
+        from orchestrator.checkpoint.layout import RunLayout
+        from orchestrator.checkpoint.storage import Storage
+        from orchestrator.driver import Driver
+        from orchestrator.worker_group import RayWorkerGroup
+
+        self.layout = RunLayout(Storage(config.run.storage_url), config.run.name)
+        self.driver = Driver(config, RayWorkerGroup(config), self.layout)
+        self.thread = threading.Thread(target=self._run)
+        self.result = None
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.result = self.driver.run()
+
+    def events(self, kind: str) -> list[dict]:
+        from orchestrator.events import read_events
+
+        if not self.layout.storage.exists(*self.layout.events):
+            return []
+        return [e for e in read_events(self.layout) if e["kind"] == kind]
+
+    def reached(self, step: int) -> bool:
+        return any(e["step"] >= step for e in self.events("checkpoint_committed"))
+
+    def join(self) -> None:
+        self.thread.join(timeout=600)
+        assert self.result is not None and self.result.succeeded, self.result
+
+
+def ours_kill(root: Path, workers: int, spares: int) -> list[dict]:
+    steps = [8 + KILL_SPACING * i for i in range(TRIALS)]
+    config = our_config(root, f"kill-{workers}-{spares}", workers, steps[-1] + 5, spares,
+                        chaos={"kill": [{"rank": workers - 1, "step": s} for s in steps]})
+    run = OurRun(config)
+    run.join()
+    firsts = {e["attempt"]: e for e in run.events("first_step")}
+    restarts = run.events("restart")
+    samples = []
+    for i, step in enumerate(steps):
+        marker = Path(run.layout.storage.path(*run.layout.chaos, f"kill-rank{workers - 1}-step{step}"))
+        samples.append({"event_step": step, "resumed_from": restarts[i]["from_step"],
+                        "recovery_s": firsts[i + 1]["step_end_time"] - marker.stat().st_mtime})
+    return samples
+
+
+def ours_external(root: Path, scenario: str, cluster, trial: int) -> dict:
+    """One trial of hang or node loss: act on rank 1 after step 10, measure the recovery."""
+    strategy = "SPREAD" if scenario == "node" else "PACK"
+    config = our_config(root, f"{scenario}-{trial}", 2, 40, scaling={"placement_strategy": strategy},
+                        failure={"hang_timeout_s": HANG_TIMEOUT_S})
+    run = OurRun(config)
+    poll_until(lambda: run.reached(10), 120, "step 10")
+    worker = run.events("workers_started")[0]["workers"][1]
+    t_event = act_on(scenario, cluster, pid=worker["pid"], node_id=worker["node_id"])
+    run.join()
+    first = [e for e in run.events("first_step") if e["attempt"] == 1][0]
+    (failure,) = [e for e in run.events("failure") if e["rank"] == 1]
+    return {"event_step": failure["step"], "resumed_from": run.events("restart")[0]["from_step"],
+            "recovery_s": first["step_end_time"] - t_event, "kind": failure["failure_kind"]}
+
+
+def ours_driver_loss(root: Path, address: str, trial: int) -> dict:
     from orchestrator.checkpoint.layout import RunLayout
     from orchestrator.checkpoint.storage import Storage
-    from orchestrator.config import JobConfig, from_dict
-    from orchestrator.driver import Driver
     from orchestrator.events import read_events
-    from orchestrator.worker_group import RayWorkerGroup
 
-    steps = kill_steps(kills)
-    config = from_dict(JobConfig, {
-        "run": {"name": f"ours-{workers}", "storage": str(root)},
-        "workload": {"entrypoint": "workloads.gpt:train",
-                     "args": {**GPT_ARGS, "steps": steps[-1] + 5}},
-        "scaling": {"num_workers": workers},
-        "checkpoint": {"interval_steps": INTERVAL},
-        "failure": {"max_restarts": kills},
-        "chaos": {"kill": [{"rank": workers - 1, "step": s} for s in steps]},
-    })
-    layout = RunLayout(Storage(str(root)), config.run.name)
-    result = Driver(config, RayWorkerGroup(config), layout).run()
-    assert result.succeeded, result.message
-    events = read_events(layout)
-    firsts = {e["attempt"]: e for e in events if e["kind"] == "first_step"}
-    restores = [e for e in events if e["kind"] == "restart"]
-    samples = []
-    for i, step in enumerate(steps):
-        marker = Path(layout.storage.path(*layout.chaos, f"kill-rank{workers - 1}-step{step}"))
-        first = firsts[i + 1]
-        samples.append({"kill_step": step, "resumed_from": restores[i]["from_step"],
-                        "recovery_s": first["step_end_time"] - marker.stat().st_mtime})
-    return samples
+    name = f"driver-{trial}"
+    layout = RunLayout(Storage(str(root)), name)
+    cmd = [sys.executable, "-m", "orchestrator", "run", "--address", address,
+           "--set", f"run.storage={root}", "--set", f"run.name={name}",
+           "--set", f"workload.args={json.dumps({**GPT, 'steps': 60})}",
+           "--set", f"checkpoint.interval_steps={INTERVAL}"]
+    events = lambda kind: ([e for e in read_events(layout) if e["kind"] == kind]
+                           if layout.storage.exists(*layout.events) else [])
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    poll_until(lambda: any(e["step"] >= 10 for e in events("checkpoint_committed")), 120, "step 10")
+    reached = max(e["step"] for e in events("progress") + events("checkpoint_committed"))
+    first.send_signal(signal.SIGKILL)
+    t_event = time.time()
+    first.wait()
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    (restored,) = [e for e in events("checkpoint_restored") if e["time"] > t_event]
+    step_end = [e for e in events("first_step") if e["time"] > t_event][0]["step_end_time"]
+    return {"event_step": reached, "resumed_from": restored["step"],
+            "recovery_s": step_end - t_event}
 
 
-# --- Ray Train baseline ---------------------------------------------------------------------
+# --- Ray Train ------------------------------------------------------------------------------
 
 
-def ray_train_loop(config: dict) -> None:
-    """The same model, data and schedule as workloads/gpt.py, written the Ray Train way."""
-    import ray.train
-    import torch
-    from ray.train import Checkpoint
-
-    from workloads.common import seed_everything, warmup_cosine
-    from workloads.data import token_batch
-    from workloads.gpt import GPT, GPTArgs
-
-    a = GPTArgs(**config["gpt"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    seed_everything(a.seed)
-    model = ray.train.torch.prepare_model(GPT(a))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1)
-    scheduler = warmup_cosine(optimizer, a.steps)
-    start, position = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", weights_only=False)
-        model.module.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start, position = state["step"], state["data_position"]
-    timeline = Path(config["timeline"])
-    first = True
-    for step in range(start + 1, a.steps + 1):
-        x, y = token_batch(a.seed, position, a.batch_size, rank, world, a.seq_len, a.vocab_size)
-        loss = model(x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        position += a.batch_size
-        if first and rank == 0:
-            with open(timeline, "a") as f:
-                f.write(json.dumps({"resumed_from": start, "step_end_time": time.time()}) + "\n")
-        first = False
-        marker = timeline.parent / f"kill-step{step}"
-        if rank == world - 1 and step in config["kill_steps"] and not marker.exists():
-            marker.write_text("")
-            os.kill(os.getpid(), signal.SIGKILL)
-        if step % INTERVAL == 0 or step == a.steps:
-            with tempfile.TemporaryDirectory() as d:
-                if rank == 0:
-                    torch.save({"model": model.module.state_dict(),
-                                "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(),
-                                "step": step, "data_position": position}, Path(d) / "state.pt")
-                ray.train.report({"step": step, "loss": loss.item()},
-                                 checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
-
-
-def run_ray_train(workers: int, kills: int, root: Path) -> list[dict]:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    steps = kill_steps(kills)
-    root.mkdir(parents=True, exist_ok=True)
-    timeline = root / "timeline.jsonl"
-    trainer = TorchTrainer(
-        ray_train_loop,
-        train_loop_config={"gpt": {**GPT_ARGS, "steps": steps[-1] + 5}, "kill_steps": steps,
-                           "timeline": str(timeline)},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
-        run_config=RunConfig(name=f"raytrain-{workers}", storage_path=str(root / "storage"),
-                             failure_config=FailureConfig(max_failures=kills)),
-    )
+def ray_train_kill(root: Path, workers: int) -> list[dict]:
+    steps = [8 + KILL_SPACING * i for i in range(TRIALS)]
+    trainer = baseline.make_trainer({**GPT, "steps": steps[-1] + 5}, workers, root,
+                                    f"kill-{workers}", TRIALS, kill_steps=steps)
     trainer.fit()
-    firsts = [json.loads(line) for line in timeline.read_text().splitlines()]
-    samples = []
-    for i, step in enumerate(steps):
-        first = firsts[i + 1]  # firsts[0] is the fresh start
-        samples.append({"kill_step": step, "resumed_from": first["resumed_from"],
-                        "recovery_s": first["step_end_time"]
-                        - (root / f"kill-step{step}").stat().st_mtime})
-    return samples
+    starts = [t for t in baseline.read_jsonl(root / "timeline.jsonl") if t["first"]]
+    return [{"event_step": step, "resumed_from": starts[i + 1]["resumed_from"],
+             "recovery_s": starts[i + 1]["time"] - (root / f"kill-step{step}").stat().st_mtime}
+            for i, step in enumerate(steps)]
+
+
+def ray_train_external(root: Path, scenario: str, cluster, trial: int) -> dict:
+    strategy = "SPREAD" if scenario == "node" else "PACK"
+    trainer = baseline.make_trainer({**GPT, "steps": 40}, 2, root, f"{scenario}-{trial}", 3,
+                                    strategy=strategy)
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (trainer.fit(), done.set()))
+    thread.start()
+    timeline = root / "timeline.jsonl"
+    poll_until(lambda: any(t["step"] >= 10 for t in baseline.read_jsonl(timeline)), 120, "step 10")
+    worker = [w for w in baseline.read_jsonl(root / "workers.jsonl") if w["rank"] == 1][-1]
+    reached = baseline.read_jsonl(timeline)[-1]["step"]
+    t_event = act_on(scenario, cluster, pid=worker["pid"], node_id=worker["node_id"])
+    deadline = RAY_TRAIN_HANG_WAIT_S if scenario == "hang" else 600
+    try:
+        start = poll_until(lambda: [t for t in baseline.read_jsonl(timeline)
+                                    if t["first"] and t["time"] > t_event], deadline, "a restart")[0]
+        sample = {"event_step": reached, "resumed_from": start["resumed_from"],
+                  "recovery_s": start["time"] - t_event}
+    except TimeoutError:
+        sample = {"event_step": reached, "resumed_from": None, "recovery_s": None,
+                  "note": f"not detected within {deadline:.0f} s"}
+        os.kill(worker["pid"], signal.SIGKILL)  # our own stopped worker: let the run end
+    thread.join(timeout=600)
+    return sample
+
+
+def ray_train_driver_loss(root: Path, address: str, trial: int) -> dict:
+    cmd = [sys.executable, str(ROOT / "bench" / "ray_train_baseline.py"), "--address", address,
+           "--out", str(root), "--name", f"driver-{trial}", "--gpt",
+           json.dumps({**GPT, "steps": 60})]
+    timeline = root / "timeline.jsonl"
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    poll_until(lambda: any(t["step"] >= 10 for t in baseline.read_jsonl(timeline)), 180, "step 10")
+    reached = baseline.read_jsonl(timeline)[-1]["step"]
+    first.send_signal(signal.SIGKILL)
+    t_event = time.time()
+    first.wait()
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    start = [t for t in baseline.read_jsonl(timeline) if t["first"] and t["time"] > t_event][0]
+    return {"event_step": reached, "resumed_from": start["resumed_from"],
+            "recovery_s": start["time"] - t_event}
+
+
+# --- acting on the cluster ------------------------------------------------------------------
+
+
+def act_on(scenario: str, cluster, pid: int, node_id: str) -> float:
+    if scenario == "hang":
+        os.kill(pid, signal.SIGSTOP)
+        return time.time()
+    (node,) = [n for n in cluster.worker_nodes if n.node_id == node_id]
+    t = time.time()
+    cluster.remove_node(node, allow_graceful=False)
+    cluster.add_node(num_cpus=4)  # the replacement an autoscaler would bring, for later trials
+    return t
 
 
 # --- the run --------------------------------------------------------------------------------
 
 
 def summarize(samples: list[dict]) -> dict:
+    times = [s["recovery_s"] for s in samples if s["recovery_s"] is not None]
+    lost = [s["event_step"] - s["resumed_from"] for s in samples if s["resumed_from"] is not None]
     return {
-        "recovery_s_median": round(statistics.median(s["recovery_s"] for s in samples), 3),
-        "recovery_s_all": [round(s["recovery_s"], 3) for s in samples],
-        "steps_lost_median": statistics.median(s["kill_step"] - s["resumed_from"] for s in samples),
+        "recovery_s_median": round(statistics.median(times), 3) if times else None,
+        "recovery_s_all": [None if s["recovery_s"] is None else round(s["recovery_s"], 3)
+                           for s in samples],
+        "steps_lost_median": statistics.median(lost) if lost else None,
+        "notes": sorted({s["note"] for s in samples if "note" in s}),
         "samples": samples,
     }
 
 
+def start_cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 0,
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 2,
+                           "health_check_timeout_ms": 500},
+    })
+    for _ in range(3):
+        cluster.add_node(num_cpus=4)
+    return cluster
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", nargs="+", default=["kill", "hang", "node", "driver"])
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--kills", type=int, default=5, help="kills per run (= samples)")
-    parser.add_argument("--systems", nargs="+", default=["ours", "ray_train"])
+    parser.add_argument("--trials", type=int, default=5, help="samples per measurement")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "recovery.json"))
     args = parser.parse_args()
+    global TRIALS
+    TRIALS = args.trials
 
-    import ray
     import torch
 
-    ray.init(num_cpus=max(args.workers) * 2, include_dashboard=False, log_to_driver=False)
-    runners = {"ours": run_ours, "ray_train": run_ray_train}
+    cluster = start_cluster()
+    ray.init(address=cluster.address, log_to_driver=False)
+    # The baseline's training function travels by value: the workers cannot import bench/.
+    ray.cloudpickle.register_pickle_by_value(baseline)
     results: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                                  "ray": ray.__version__}, "runs": {}}
+
+    def record(key: str, samples: list[dict], t0: float) -> None:
+        results["runs"][key] = summary = summarize(samples)
+        print(f"[recovery] {key}: median {summary['recovery_s_median']} s "
+              f"{summary['recovery_s_all']}, steps lost {summary['steps_lost_median']} "
+              f"{' '.join(summary['notes'])} ({time.time() - t0:.0f} s)", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
-        for workers in args.workers:
-            for system in args.systems:
+        tmp = Path(tmp)
+        if "kill" in args.scenarios:
+            for workers in args.workers:
+                for spares in (0, 1):
+                    t0 = time.time()
+                    record(f"kill/{workers}/ours_spares{spares}",
+                           ours_kill(tmp / f"ours-kill-{workers}-{spares}", workers, spares), t0)
                 t0 = time.time()
-                print(f"[recovery] {system}, {workers} workers, {args.kills} kills ...", flush=True)
-                samples = runners[system](workers, args.kills, Path(tmp) / f"{system}-{workers}")
-                summary = summarize(samples)
-                results["runs"][f"{system}/{workers}"] = summary
-                print(f"[recovery] {system}/{workers}: median {summary['recovery_s_median']} s "
-                      f"{summary['recovery_s_all']}, steps lost {summary['steps_lost_median']} "
-                      f"({time.time() - t0:.0f} s)", flush=True)
+                record(f"kill/{workers}/ray_train",
+                       ray_train_kill(tmp / f"rt-kill-{workers}", workers), t0)
+        for scenario in ("hang", "node"):
+            if scenario not in args.scenarios:
+                continue
+            t0 = time.time()
+            record(f"{scenario}/2/ours", [ours_external(tmp / f"ours-{scenario}", scenario,
+                                                        cluster, i) for i in range(TRIALS)], t0)
+            t0 = time.time()
+            trials = 1 if scenario == "hang" else TRIALS  # a hang is never noticed: once is enough
+            record(f"{scenario}/2/ray_train", [ray_train_external(
+                tmp / f"rt-{scenario}-{i}", scenario, cluster, i) for i in range(trials)], t0)
+        if "driver" in args.scenarios:
+            t0 = time.time()
+            record("driver/2/ours", [ours_driver_loss(tmp / "ours-driver", cluster.address, i)
+                                     for i in range(TRIALS)], t0)
+            t0 = time.time()
+            record("driver/2/ray_train", [ray_train_driver_loss(tmp / f"rt-driver-{i}",
+                                                                cluster.address, i)
+                                          for i in range(TRIALS)], t0)
     ray.shutdown()
+    cluster.shutdown()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
-    print("\n| workers | ours: recovery s (median) | Ray Train: recovery s (median) | ratio "
-          "ours/Ray Train | steps lost ours | steps lost Ray Train |")
-    print("|---|---|---|---|---|---|")
-    for workers in args.workers:
-        ours = results["runs"].get(f"ours/{workers}")
-        base = results["runs"].get(f"ray_train/{workers}")
-        if ours and base:
-            print(f"| {workers} | {ours['recovery_s_median']} | {base['recovery_s_median']} | "
-                  f"{ours['recovery_s_median'] / base['recovery_s_median']:.2f} | "
-                  f"{ours['steps_lost_median']} | {base['steps_lost_median']} |")
+    print_tables(results["runs"])
+
+
+def print_tables(runs: dict) -> None:
+    print("\n| scenario | workers | ours: recovery s (median) | Ray Train: recovery s (median) | "
+          "ratio ours / Ray Train | steps lost, ours | steps lost, Ray Train |")
+    print("|---|---|---|---|---|---|---|")
+    for key, ours in runs.items():
+        scenario, workers, system = key.split("/")
+        if system == "ray_train":
+            continue
+        base = runs.get(f"{scenario}/{workers}/ray_train", {})
+        label = scenario + (f" ({system.removeprefix('ours_')})" if system != "ours" else "")
+        o, b = ours["recovery_s_median"], base.get("recovery_s_median")
+        ratio = f"{o / b:.2f}" if o and b else "n/a"
+        print(f"| {label} | {workers} | {o} | {b if b is not None else ', '.join(base.get('notes', [])) or 'n/a'} "
+              f"| {ratio} | {ours['steps_lost_median']} | {base.get('steps_lost_median')} |")
 
 
 if __name__ == "__main__":

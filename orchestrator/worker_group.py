@@ -18,7 +18,8 @@ from typing import Protocol
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import (NodeAffinitySchedulingStrategy,
+                                            PlacementGroupSchedulingStrategy)
 
 from orchestrator.config import JobConfig
 from orchestrator.errors import PlacementError
@@ -304,8 +305,16 @@ class RayWorkerGroup:
 
     def kill(self, ranks: set[int]) -> None:
         for rank in ranks:
-            if rank < len(self._ranks):
-                _kill(self._ranks[rank].actor)
+            slot = self._ranks[rank] if rank < len(self._ranks) else None
+            if slot is None:
+                continue
+            _kill(slot.actor)
+            if slot.info is not None:
+                # ray.kill asks the actor's process to exit, which a stopped or wedged
+                # process cannot do; Ray then waits seconds before forcing it. A SIGKILL
+                # from a task on the same node ends it at once.
+                _sigkill_on_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    slot.info.node_id, soft=False)).remote(slot.info.pid)
 
     def shutdown(self) -> None:
         for slot in self._ranks + self._spares:
@@ -317,6 +326,17 @@ class RayWorkerGroup:
             except RayError:
                 pass
             self._pg = None
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _sigkill_on_node(pid: int) -> None:
+    import os
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # already gone
 
 
 def _kill(actor) -> None:
