@@ -21,9 +21,9 @@ pytestmark = pytest.mark.e2e
 ARGS = {"steps": 40, "step_time_s": 0.05, "batch_size": 12}  # divisible by 2 and 3
 
 
-def mlp_job(tmp_path, name, num_workers=2, **sections):
+def mlp_job(tmp_path, name, num_workers=2, args=ARGS, **sections):
     return make_config(str(tmp_path), name,
-                       workload={"entrypoint": "workloads.mlp:train", "args": ARGS},
+                       workload={"entrypoint": "workloads.mlp:train", "args": args},
                        scaling={"num_workers": num_workers, **sections.pop("scaling", {})},
                        checkpoint={"interval_steps": 10}, **sections)
 
@@ -71,13 +71,24 @@ def test_sigterm_checkpoints_at_once_and_loses_at_most_the_step_in_progress(
     assert_same_final_state(layout, reference, ARGS["steps"])
 
 
-def test_elastic_resume_at_fewer_workers_then_grow_back(ray_cluster, tmp_path, reference):
+ELASTIC_ARGS = {**ARGS, "steps": 100}  # long enough to grow back well before the end
+
+
+@pytest.fixture(scope="module")
+def elastic_reference(ray_cluster, tmp_path_factory):
+    result, layout = run_job(mlp_job(tmp_path_factory.mktemp("eref"), "eref", args=ELASTIC_ARGS))
+    assert result.succeeded
+    return layout
+
+
+def test_elastic_resume_at_fewer_workers_then_grow_back(ray_cluster, tmp_path,
+                                                       elastic_reference):
     """4 CPUs, 3 workers wanted, a blocker holds 2: the job starts with 2 (min_workers=2),
     grows to 3 at the checkpoint after the blocker leaves, and its losses stay those of a run
     at a fixed world size (the global batch is split, not resized)."""
     blocker = ray.remote(num_cpus=2)(type("Blocker", (), {"ping": lambda self: 1})).remote()
     ray.get(blocker.ping.remote())
-    config = mlp_job(tmp_path, "elastic", num_workers=3,
+    config = mlp_job(tmp_path, "elastic", num_workers=3, args=ELASTIC_ARGS,
                      scaling={"min_workers": 2, "placement_timeout_s": 2})
     thread, outcome, layout = run_in_thread(config)
     try:
@@ -98,7 +109,8 @@ def test_elastic_resume_at_fewer_workers_then_grow_back(ray_cluster, tmp_path, r
     assert (restored["saved_world_size"], restored["world_size"]) == (2, 3)
     # The loss logged at each checkpoint equals the fixed-size run's within 1e-5.
     ours = {c.step: c.manifest.metrics["loss"] for c in committed_checkpoints(layout)[0]}
-    ref = {c.step: c.manifest.metrics["loss"] for c in committed_checkpoints(reference)[0]}
+    ref = {c.step: c.manifest.metrics["loss"]
+           for c in committed_checkpoints(elastic_reference)[0]}
     assert ours.keys() == ref.keys()
     for step in ours:
         assert abs(ours[step] - ref[step]) <= 1e-5, (step, ours[step], ref[step])
