@@ -10,6 +10,7 @@ and `setup` tears its process group down and joins the new one.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import signal
@@ -113,8 +114,15 @@ class TrainWorker:
         # BaseException: DCP's CheckpointException derives from it, not from Exception.
         except BaseException as e:  # noqa: BLE001 -- reported to the driver as data
             error = ErrorInfo.from_exception(e)
-            # Peers may be blocked in a collective with us: closing our connections makes
-            # them fail now rather than at the collective timeout.
+            # Peers may be blocked in a collective with us, and they only notice when our
+            # connections close -- which happens when the last reference to our process
+            # groups goes. The traceback holds the workload's frames (its model holds the
+            # group), so drop it first, then the groups.
+            e.__traceback__ = None
+            del e
+            ctx = manager = None  # noqa: F841 -- dropping references is the point
+            self._ckpt_group = None
+            gc.collect()
             _destroy_process_group()
             return WorkerOutcome(rank=rdzv.rank, step=self._reporter.progress.step, error=error)
         return WorkerOutcome(rank=rdzv.rank, step=self._reporter.progress.step)

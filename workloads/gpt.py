@@ -10,10 +10,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
-                                                                         checkpoint_wrapper)
 
 from orchestrator.context import TrainContext, TrainState
+from workloads.activation_checkpointing import ACMode, apply_activation_checkpointing
 from workloads.common import global_mean, parse_args, seed_everything, train_loop, warmup_cosine, wrap_for_parallelism
 from workloads.data import token_batch
 
@@ -33,8 +32,9 @@ class GPTArgs:
     dropout: float = 0.0
     parallelism: str = "ddp"
     """'ddp' or 'fsdp' (FSDP2, fully_shard per block)."""
-    activation_checkpointing: str = "none"
-    """'none', or 'full': every transformer block recomputes its activations in backward."""
+    activation_checkpointing: str | dict = "none"
+    """'none', 'full', 'every_n:N' and 'selective[:attention,matmul]': see
+    workloads/activation_checkpointing.py."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "n_layer", "n_embd", "n_head", "seq_len", "batch_size", "vocab_size"):
@@ -43,9 +43,7 @@ class GPTArgs:
         if self.n_embd % self.n_head:
             raise ValueError(f"workload.args.n_embd={self.n_embd} must be divisible by "
                              f"n_head={self.n_head}")
-        if self.activation_checkpointing not in ("none", "full"):
-            raise ValueError(f"workload.args.activation_checkpointing: "
-                             f"{self.activation_checkpointing!r}; use 'none' or 'full'")
+        self.ac_mode = ACMode.parse(self.activation_checkpointing)
 
 
 class CausalSelfAttention(nn.Module):
@@ -101,9 +99,7 @@ def parallelize(model: GPT, a: GPTArgs, device: torch.device) -> nn.Module:
     """Activation checkpointing first, then DDP/FSDP2 (torchtitan's order): the checkpoint
     wrapper must sit inside the FSDP unit so that recomputation happens while that block's
     parameters are gathered."""
-    if a.activation_checkpointing == "full":
-        for i, block in enumerate(model.blocks):
-            model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    apply_activation_checkpointing(model.blocks, a.ac_mode)
     return wrap_for_parallelism(model, list(model.blocks), a.parallelism, device)
 
 
