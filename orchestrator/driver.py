@@ -189,7 +189,8 @@ class Driver:
             return
         self.events.emit("workers_started", attempt=state.attempt,
                          workers=[{"rank": r, "node_id": i.node_id, "pid": i.pid}
-                                  for r, i in enumerate(infos)])
+                                  for r, i in enumerate(infos)],
+                         warm_spare_pids=self._group.spare_pids())
         cfg = self._config
         self._group.launch(AttemptSpec(
             attempt=state.attempt, entrypoint=cfg.workload.entrypoint, args=cfg.workload.args,

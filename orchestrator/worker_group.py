@@ -39,6 +39,9 @@ class WorkerGroup(Protocol):
         """Make the gang whole and form its process group: start every worker the first
         time; later, replace `lost_ranks` and reuse the other live workers."""
 
+    def spare_pids(self) -> list[int]:
+        """Process ids of the warm spares that have finished starting."""
+
     def launch(self, spec: AttemptSpec) -> None:
         """Start one attempt of the workload on every rank (non-blocking)."""
 
@@ -187,6 +190,18 @@ class RayWorkerGroup:
             runtime_env={"env_vars": {"TORCH_GLOO_LAZY_INIT": "1"}},
         ).remote(preload=self._config.workload.entrypoint)
         return _Slot(actor=actor, bundle=bundle, info_ref=actor.info.remote())
+
+    def spare_pids(self) -> list[int]:
+        ready, _ = ray.wait([s.info_ref for s in self._spares], num_returns=len(self._spares),
+                            timeout=0) if self._spares else ([], [])
+        pids = []
+        for slot in self._spares:
+            if slot.info_ref in ready:
+                try:
+                    pids.append(ray.get(slot.info_ref).pid)
+                except RayError:
+                    pass
+        return pids
 
     def _take_spare(self) -> _Slot | None:
         """The oldest spare: ready, or at least further along than a new actor would be.

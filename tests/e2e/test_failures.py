@@ -6,16 +6,16 @@ import json
 
 import pytest
 
-from tests.helpers import events_of, make_config, run_job
+from tests.helpers import assert_same_final_state, events_of, make_config, run_job
 
 pytestmark = pytest.mark.e2e
 
 
 def mlp_job(tmp_path, name: str, args: dict, max_restarts: int = 3, failure=None,
-            **sections):
+            scaling=None, **sections):
     return make_config(str(tmp_path), name,
                        workload={"entrypoint": "workloads.mlp:train", "args": args},
-                       scaling={"num_workers": 2}, checkpoint={"interval_steps": 4},
+                       scaling=scaling or {"num_workers": 2}, checkpoint={"interval_steps": 4},
                        failure={"max_restarts": max_restarts, "failure_grace_s": 0.5,
                                 **(failure or {})},
                        **sections)
@@ -89,3 +89,29 @@ def test_an_intermittent_bug_is_restarted_through(ray_cluster, tmp_path):
                                      failure={"crash_loop_limit": 3, "backoff_initial_s": 0.1}))
     assert result.succeeded, result.message
     assert len(events_of(layout, "restart")) == 2
+    reference, ref_layout = run_job(mlp_job(tmp_path, "no-bug", {"steps": 12}))
+    assert reference.succeeded
+    assert_same_final_state(layout, ref_layout, 12)
+
+
+def test_survivors_are_reused_and_a_spare_takes_the_lost_rank_many_times_in_a_row(
+        ray_cluster, tmp_path):
+    """Six kills in a row: each time the survivor's process group is re-formed in the same
+    process, and the lost rank goes to a warm spare when one is ready."""
+    kills = [{"rank": 1, "step": s} for s in (4, 8, 12, 16, 20, 24)]
+    config = mlp_job(tmp_path, "chain", {"steps": 28, "step_time_s": 0.1}, max_restarts=6,
+                     failure={"backoff_initial_s": 0}, chaos={"kill": kills},
+                     scaling={"num_workers": 2, "spare_workers": 1,
+                              "resources_per_worker": {"CPU": 0.5}})
+    result, layout = run_job(config)
+    assert result.succeeded, result.message
+    started = events_of(layout, "workers_started")
+    assert len(started) == 7
+    rank0 = {s["workers"][0]["pid"] for s in started}
+    assert len(rank0) == 1  # rank 0 kept its process through six re-formed process groups
+    took_spare = [after["workers"][1]["pid"] in before["warm_spare_pids"]
+                  for before, after in zip(started, started[1:])]
+    assert sum(took_spare) >= 1, took_spare
+    reference, ref_layout = run_job(mlp_job(tmp_path, "chain-ref", {"steps": 28}))
+    assert reference.succeeded
+    assert_same_final_state(layout, ref_layout, 28)

@@ -88,3 +88,19 @@ def test_two_failures_on_different_ranks_and_steps(ray_cluster, tmp_path, uninte
     assert result.summary["restarts"] == 2
     assert result.summary["lost_steps"] == 3 + 5
     assert_same_final_state(layout, uninterrupted("ddp"), STEPS)
+
+
+@pytest.mark.parametrize("mode", ["full", "every_n:2", "selective", "selective:attention"])
+def test_kill_and_resume_with_each_activation_checkpointing_mode(ray_cluster, tmp_path,
+                                                                 uninterrupted, mode):
+    """Checkpointing activations changes what is kept for backward, never the result: each
+    mode, killed and resumed, ends with the weights of the uninterrupted run without it."""
+    config = make_config(str(tmp_path), "ac", workload={
+        "entrypoint": "workloads.gpt:train",
+        "args": {**VARIANTS["ddp"], "activation_checkpointing": mode}},
+        scaling={"num_workers": 2}, checkpoint={"interval_steps": 5},
+        chaos={"kill": [{"rank": 0, "step": 7}]})
+    result, layout = run_job(config)
+    assert result.succeeded, result.message
+    assert [e["from_step"] for e in events_of(layout, "restart")] == [5]
+    assert_same_final_state(layout, uninterrupted("ddp"), STEPS)

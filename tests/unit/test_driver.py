@@ -63,6 +63,9 @@ class FakeGroup:
                            message="its node left the cluster") for r in sorted(ranks)
                 if r not in self.answering_probe]
 
+    def spare_pids(self):
+        return []
+
     def request_stop(self, ranks, mode, reason):
         self.stop_requests.append((set(ranks), int(mode), reason))
 
