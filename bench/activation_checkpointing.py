@@ -125,6 +125,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("step time / step time without checkpointing")
         ax.set_ylabel("activation memory kept for backward (MiB)")
         ax.grid(alpha=0.3)
+        ax.margins(x=0.12, y=0.1)
     fig.suptitle("Activation checkpointing: memory against compute (GPT, CPU, one process)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
