@@ -190,7 +190,7 @@ class Driver:
         self.events.emit("workers_started", attempt=state.attempt,
                          workers=[{"rank": r, "node_id": i.node_id, "pid": i.pid}
                                   for r, i in enumerate(infos)],
-                         warm_spare_pids=self._group.spare_pids())
+                         ranks_from_spares=self._group.ranks_from_spares())
         cfg = self._config
         self._group.launch(AttemptSpec(
             attempt=state.attempt, entrypoint=cfg.workload.entrypoint, args=cfg.workload.args,

@@ -39,8 +39,8 @@ class WorkerGroup(Protocol):
         """Make the gang whole and form its process group: start every worker the first
         time; later, replace `lost_ranks` and reuse the other live workers."""
 
-    def spare_pids(self) -> list[int]:
-        """Process ids of the warm spares that have finished starting."""
+    def ranks_from_spares(self) -> list[int]:
+        """The ranks the last form() gave to spares."""
 
     def launch(self, spec: AttemptSpec) -> None:
         """Start one attempt of the workload on every rank (non-blocking)."""
@@ -93,6 +93,7 @@ class RayWorkerGroup:
         self._pending: dict = {}  # run ref -> rank
         self._world = config.scaling.num_workers
         self._spare_count = config.scaling.spare_workers
+        self._from_spares: list[int] = []
         """The world size the gang was placed with: below num_workers when elastic."""
 
     # --- forming the gang --------------------------------------------------------------------
@@ -110,9 +111,13 @@ class RayWorkerGroup:
             deadline = time.monotonic() + failure.worker_start_timeout_s
             self._ranks = [None if rank in lost or rank >= len(self._ranks) else self._ranks[rank]
                            for rank in range(self._world)]
+            self._from_spares = []
             for rank, slot in enumerate(self._ranks):
                 if slot is None:
-                    self._ranks[rank] = self._take_spare() or self._new_slot()
+                    spare = self._take_spare()
+                    if spare is not None:
+                        self._from_spares.append(rank)
+                    self._ranks[rank] = spare or self._new_slot()
             self._refill_spares()
             infos = [self._info_of(slot, deadline) for slot in self._ranks]
             port = ray.get(self._ranks[0].actor.free_port.remote(), timeout=_left(deadline))
@@ -191,17 +196,8 @@ class RayWorkerGroup:
         ).remote(preload=self._config.workload.entrypoint)
         return _Slot(actor=actor, bundle=bundle, info_ref=actor.info.remote())
 
-    def spare_pids(self) -> list[int]:
-        ready, _ = ray.wait([s.info_ref for s in self._spares], num_returns=len(self._spares),
-                            timeout=0) if self._spares else ([], [])
-        pids = []
-        for slot in self._spares:
-            if slot.info_ref in ready:
-                try:
-                    pids.append(ray.get(slot.info_ref).pid)
-                except RayError:
-                    pass
-        return pids
+    def ranks_from_spares(self) -> list[int]:
+        return list(self._from_spares)
 
     def _take_spare(self) -> _Slot | None:
         """The oldest spare: ready, or at least further along than a new actor would be.

@@ -63,7 +63,7 @@ class FakeGroup:
                            message="its node left the cluster") for r in sorted(ranks)
                 if r not in self.answering_probe]
 
-    def spare_pids(self):
+    def ranks_from_spares(self):
         return []
 
     def request_stop(self, ranks, mode, reason):
