@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -54,3 +55,14 @@ def assert_same_final_state(a: RunLayout, b: RunLayout, step: int) -> None:
     assert not unequal, f"differs from the uninterrupted run: {unequal[:10]}"
     assert any(k.startswith("train.model.") for k in fa)
     assert any(k.startswith("train.optimizer.state.") for k in fa)
+
+
+def poll_until(condition, timeout_s: float, what: str):
+    """Wait for `condition()` to return something truthy, and return it; fail at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -20,7 +19,8 @@ import ray
 from orchestrator.checkpoint.commit import committed_checkpoints
 from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.storage import Storage
-from tests.helpers import assert_same_final_state, events_of, make_config, run_job
+from tests.helpers import (assert_same_final_state, events_of, make_config, poll_until,
+                           run_job)
 
 pytestmark = pytest.mark.e2e
 
@@ -39,14 +39,6 @@ def start_driver(address: str, storage: Path, name: str, *overrides: str) -> sub
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def poll_until(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def events(layout: RunLayout, kind: str) -> list[dict]:

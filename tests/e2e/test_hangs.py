@@ -10,7 +10,8 @@ import time
 import psutil
 import pytest
 
-from tests.helpers import assert_same_final_state, events_of, make_config, run_job
+from tests.helpers import (assert_same_final_state, events_of, make_config, poll_until,
+                           run_job)
 
 pytestmark = pytest.mark.e2e
 
@@ -26,14 +27,6 @@ def mlp_job(tmp_path, name, args, **sections):
                        **sections)
 
 
-def poll_until(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

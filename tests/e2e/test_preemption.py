@@ -13,8 +13,8 @@ import ray
 from orchestrator.checkpoint.commit import committed_checkpoints, read_manifest
 from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.storage import Storage
-from tests.e2e.test_hangs import poll_until
-from tests.helpers import assert_same_final_state, events_of, make_config, run_job
+from tests.helpers import (assert_same_final_state, events_of, make_config, poll_until,
+                           run_job)
 
 pytestmark = pytest.mark.e2e
 

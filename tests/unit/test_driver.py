@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator.checkpoint import commit
 from orchestrator.checkpoint.layout import RunLayout
-from orchestrator.checkpoint.manifest import FileEntry, Manifest
+from orchestrator.checkpoint.manifest import Manifest
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.driver import Driver, Failed, Recovering, Running, Starting, Succeeded
 from orchestrator.errors import PlacementError

@@ -1,7 +1,7 @@
 """The failure classification and policy are pure functions: no Ray, no processes."""
 
 from orchestrator.config import FailureConfig
-from orchestrator.failures import (Action, Failure, FailureKind, Incident, RankResult, backoff_s,
+from orchestrator.failures import (Action, FailureKind, Incident, RankResult, backoff_s,
                                    classify, decide, describe)
 
 
