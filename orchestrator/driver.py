@@ -24,6 +24,7 @@ from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.config import JobConfig
 from orchestrator.errors import PlacementError
 from orchestrator.events import EventLog, Goodput
+from orchestrator.hangs import ProgressWatch
 from orchestrator.failures import (Action, Failure, FailureKind, Incident, RankResult, classify,
                                    decide, describe, is_peer_echo)
 from orchestrator.context import StopMode
@@ -100,15 +101,6 @@ class JobResult:
     summary: dict
 
 
-@dataclass
-class _RankWatch:
-    """What the driver last saw of one rank, for hang detection (monotonic times)."""
-
-    seq: int = -1
-    progressed_at: float = 0.0
-    answered_at: float = 0.0
-
-
 class Driver:
     def __init__(self, config: JobConfig, group: WorkerGroup, layout: RunLayout,
                  clock: Callable[[], float] = time.time,
@@ -127,14 +119,14 @@ class Driver:
         self.incidents: list[Incident] = []
         self._goodput = Goodput(started_at=clock())
         self._last_step: dict[int, int] = {}
-        self._watch_of: dict[int, _RankWatch] = {}
+        self._progress = ProgressWatch(range(0), monotonic(), config.failure.hang_timeout_s)
         self._awaiting_first_step = False
         """Whether this attempt's first finished step is still to be logged (the end of a
         recovery, as far as users are concerned)."""
         self._stop_requested: set[int] = set()
         """Ranks asked to stop after a checkpoint in this attempt (each is asked once)."""
         self._next_cluster_check = 0.0
-        self._next_progress = 0.0
+        self._next_progress_log = 0.0
         self._attempt_span: tuple[float, float] | None = None
         """Monotonic times at which the first and the latest step of this attempt were seen."""
 
@@ -200,9 +192,8 @@ class Driver:
             restore_candidates=[c.step for c in candidates],
             faults=pending_faults(cfg.chaos, self._layout)))
         now = self._monotonic()
-        self._watch_of = {r: _RankWatch(progressed_at=now, answered_at=now)
-                          for r in range(len(infos))}
-        self._stop_requested: set[int] = set()
+        self._progress = ProgressWatch(range(len(infos)), now, cfg.failure.hang_timeout_s)
+        self._stop_requested = set()
         self._next_cluster_check = now
         if len(infos) != cfg.scaling.num_workers:
             self.events.emit("elastic_world_size", world_size=len(infos),
@@ -218,7 +209,7 @@ class Driver:
         for r in self._group.wait(POLL_INTERVAL_S):
             results[r.rank] = r
         self._absorb(self._group.poll(POLL_INTERVAL_S))
-        hung = self._hung_ranks(set(results))
+        hung = self._progress.hung(set(results), self._monotonic())
         if hung:
             self.events.emit("hang_detected", ranks=sorted(hung),
                              hang_timeout_s=self._config.failure.hang_timeout_s)
@@ -233,7 +224,7 @@ class Driver:
                                                 f"{self._config.failure.hang_timeout_s:.0f}s")
             self._on_incident(state.attempt, classify(self._with_known_steps(results),
                                                       state.attempt))
-        elif len(results) == len(self._watch_of):
+        elif len(results) == len(self._progress.ranks):
             if any(r.stopped for r in results.values()):
                 self._on_stopped(state.attempt, results)
             else:
@@ -256,7 +247,7 @@ class Driver:
             self._group.request_stop(draining, StopMode.NOW, "preemption notice: node draining")
             self._stop_requested |= draining
         if not self._stop_requested and self._group.missing_workers_placeable():
-            ranks = set(self._watch_of)
+            ranks = self._progress.ranks
             self.events.emit("grow_requested", num_workers=self._config.scaling.num_workers)
             self._group.request_stop(ranks, StopMode.AT_CHECKPOINT,
                                      "resources are back: growing to scaling.num_workers")
@@ -279,7 +270,7 @@ class Driver:
         """Give the root cause a moment to surface before deciding: a killed rank's peers
         fail about a second later with echo errors, and vice versa."""
         deadline = self._monotonic() + self._config.failure.failure_grace_s
-        while len(results) < len(self._watch_of) and self._monotonic() < deadline:
+        while len(results) < len(self._progress.ranks) and self._monotonic() < deadline:
             for r in self._group.wait(max(deadline - self._monotonic(), 0.01)):
                 results[r.rank] = r
         self._absorb(self._group.poll(POLL_INTERVAL_S))
@@ -289,23 +280,10 @@ class Driver:
         that has not reported: one that no longer answers is gone (its process or its node;
         Ray may not have noticed yet)."""
         failed = [r for r in results.values() if not r.ok]
-        missing = set(self._watch_of) - set(results)
+        missing = self._progress.ranks - set(results)
         if missing and failed and all(is_peer_echo(r) for r in failed):
             for r in self._group.probe(missing, PROBE_TIMEOUT_S):
                 results[r.rank] = r
-
-    def _hung_ranks(self, ended: set[int]) -> set[int]:
-        """Ranks without progress for hang_timeout_s. A rank that stopped answering polls is
-        the culprit; peers blocked in a collective with it answer, and are spared. When every
-        stalled rank still answers (a deadlock, a stuck collective), all of them are hung."""
-        timeout_s = self._config.failure.hang_timeout_s
-        now = self._monotonic()
-        stalled = {r for r, w in self._watch_of.items()
-                   if r not in ended and now - w.progressed_at > timeout_s}
-        if not stalled:
-            return set()
-        silent = {r for r in stalled if now - self._watch_of[r].answered_at > timeout_s}
-        return silent or stalled
 
     def _with_known_steps(self, results: dict[int, RankResult]) -> list[RankResult]:
         """A dead rank cannot say where it was. The gang moves in lockstep, so the furthest
@@ -318,11 +296,7 @@ class Driver:
     def _absorb(self, reports: list[WorkerReport]) -> None:
         now = self._monotonic()
         for report in reports:
-            watch = self._watch_of.get(report.rank)
-            if watch is not None:
-                watch.answered_at = now
-                if report.progress_seq != watch.seq:
-                    watch.seq, watch.progressed_at = report.progress_seq, now
+            self._progress.saw(report.rank, report.progress_seq, now)
             self._last_step[report.rank] = max(self._last_step.get(report.rank, 0), report.step)
             for event in report.events:
                 kind = event.pop("kind")
@@ -331,8 +305,8 @@ class Driver:
                     self._goodput.record_restore(event["step"])
             if report.rank == 0 and report.step_durations:
                 self._attempt_span = (self._attempt_span or (now, now))[0], now
-                if now >= self._next_progress:
-                    self._next_progress = now + PROGRESS_EVERY_S
+                if now >= self._next_progress_log:
+                    self._next_progress_log = now + PROGRESS_EVERY_S
                     self.events.emit("progress", attempt=self.state.attempt, step=report.step,
                                      metrics=report.metrics)
                     log.info("step %d %s", report.step, " ".join(
@@ -366,7 +340,7 @@ class Driver:
 
     def _below_full_size(self) -> bool:
         """An elastic gang is placed anew after a failure, to grow back if it can."""
-        return 0 < len(self._watch_of) < self._config.scaling.num_workers
+        return 0 < len(self._progress.ranks) < self._config.scaling.num_workers
 
     def _stop_message(self, reason: str) -> str:
         lines = [f"job stopped: {reason}", "failures:"]
