@@ -5,8 +5,9 @@ parameters), every mode of workloads/activation_checkpointing.py is measured in 
 its own, one after another, on one CPU process (the trade-off is per device):
   - activation bytes: storages created in forward and alive when it returns
     (workloads/activation_memory.py);
-  - peak memory: the rise of the process's peak RSS over one training step, with
-    MALLOC_MMAP_THRESHOLD_=65536 so that freed memory really goes back (DESIGN.md);
+  - peak memory: on GPU the caching allocator's peak over one training step; on CPU the rise
+    of the process's peak RSS over one step, with MALLOC_MMAP_THRESHOLD_=65536 so that freed
+    memory really goes back (DESIGN.md);
   - step time: median of 5 forward+backward+optimizer steps after 2 warm-up steps.
 Ratios are against `none` of the same size, measured in the same run.
 
@@ -47,17 +48,21 @@ def measure(size: str, mode: str) -> dict:
     from workloads.activation_checkpointing import apply_activation_checkpointing
 
     torch.set_num_threads(os.cpu_count() or 1)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
     a = GPTArgs(**SIZES[size], activation_checkpointing=mode, steps=WARMUP + TIMED + 1)
     seed_everything(0)
-    model = GPT(a)
+    model = GPT(a).to(device)
     apply_activation_checkpointing(model.blocks, a.ac_mode)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x, y = token_batch(0, 0, a.batch_size, 0, 1, a.seq_len, a.vocab_size)
+    x, y = (t.to(device) for t in token_batch(0, 0, a.batch_size, 0, 1, a.seq_len, a.vocab_size))
 
     def step() -> None:
         model(x, y).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()  # time the work, not its launch
 
     times = []
     for i in range(WARMUP + TIMED):
@@ -69,12 +74,19 @@ def measure(size: str, mode: str) -> dict:
         loss = model(x, y)
     loss.backward()
     optimizer.zero_grad(set_to_none=True)
-    rss_before = _rss_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
-    step()
-    peak_kb = _rss_kb("VmHWM") - rss_before
-    return {"size": size, "mode": mode, "activation_bytes": mem.live_bytes,
-            "peak_bytes": peak_kb * 1024, "step_s": statistics.median(times),
+    if cuda:  # the caching allocator knows its peak
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        peak_bytes = torch.cuda.max_memory_allocated() - before
+    else:
+        rss_before = _rss_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
+        step()
+        peak_bytes = (_rss_kb("VmHWM") - rss_before) * 1024
+    return {"size": size, "mode": mode, "device": device.type,
+            "activation_bytes": mem.live_bytes,
+            "peak_bytes": peak_bytes, "step_s": statistics.median(times),
             "step_s_all": times, "params": sum(p.numel() for p in model.parameters())}
 
 
