@@ -79,13 +79,13 @@ class CheckpointManager:
         """
         for step in candidates:
             t0 = time.monotonic()
-            problems = self._verify(step)
+            manifest, problems = self._verify(step)
             if problems:
                 if self._rank == 0:
                     self._emit("checkpoint_invalid", step=step, problems=problems)
                 continue
             verify_s = time.monotonic() - t0
-            saved_world = commit.read_manifest(self._layout, step).world_size
+            saved_world = manifest.world_size
             # A rank that did not exist when the checkpoint was taken has no RNG state in
             # it: it keeps the one it was seeded with (the world size changed: elastic).
             to_load = self._with_rng(state) if self._rank < saved_world else dict(state)
@@ -97,8 +97,9 @@ class CheckpointManager:
             return step
         return 0
 
-    def _verify(self, step: int) -> list[str]:
+    def _verify(self, step: int) -> tuple[Manifest | None, list[str]]:
         """Every rank checks its share of the files; all ranks see all problems."""
+        manifest = None
         try:
             manifest = commit.read_manifest(self._layout, step)
             mine = commit.share_of(sorted(manifest.files), self._rank, self._world_size)
@@ -107,7 +108,7 @@ class CheckpointManager:
             problems = [f"rank {self._rank}: {e}"]
         gathered: list[list[str]] = [[] for _ in range(self._world_size)]
         dist.all_gather_object(gathered, problems, group=self._group)
-        return sorted({p for share in gathered for p in share})
+        return manifest, sorted({p for share in gathered for p in share})
 
     # --- save ------------------------------------------------------------------------------
 

@@ -49,8 +49,8 @@ class Storage:
     def list_dir(self, *parts: str) -> list[FileInfo]:
         """Files and folders directly under a folder; empty when it does not exist."""
         try:
-            entries = self.fs.ls(self.path(*parts), detail=True, refresh=True) \
-                if not self.is_local else self.fs.ls(self.path(*parts), detail=True)
+            # refresh: object stores cache listings, and a commit must be seen at once.
+            entries = self.fs.ls(self.path(*parts), detail=True, refresh=True)
         except FileNotFoundError:
             return []
         return [FileInfo(name=e["name"].rstrip("/").rsplit("/", 1)[-1], size=int(e.get("size") or 0))
