@@ -81,7 +81,6 @@ class WorkerReport:
 
     rank: int
     step: int
-    step_time: float
     metrics: dict[str, float]
     progress_seq: int
     step_durations: list[tuple[int, float, float]]

@@ -130,7 +130,7 @@ class TrainWorker:
     def poll(self) -> WorkerReport:
         progress, durations, events = self._reporter.drain()
         rank = self._rdzv.rank if self._rdzv else -1
-        return WorkerReport(rank=rank, step=progress.step, step_time=progress.time,
+        return WorkerReport(rank=rank, step=progress.step,
                             metrics=progress.metrics, progress_seq=progress.seq,
                             step_durations=durations, events=events)
 

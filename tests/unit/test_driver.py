@@ -138,7 +138,7 @@ def test_worker_death_recovers_from_the_latest_committed_checkpoint(layout):
     commit_step(layout, 10)
     layout.storage.write_atomic(b"x", *layout.step_dir(15), "__0_0.distcp")  # no manifest
     group = FakeGroup([[[died(1)]], [[ok(0), ok(1)]]])
-    group.reports = [WorkerReport(rank=0, step=12, step_time=0.0, metrics={}, progress_seq=1,
+    group.reports = [WorkerReport(rank=0, step=12, metrics={}, progress_seq=1,
                                   step_durations=[(12, 0.1, 0.0)], events=[])]
     driver = Driver(config_for(layout), group, layout)
 
@@ -211,14 +211,14 @@ def test_worker_events_land_in_the_log_and_the_summary_counts_lost_steps(layout)
     driver = Driver(config_for(layout), group, layout)
     driver.step()
     group.reports = [WorkerReport(
-        rank=0, step=7, step_time=0.0, metrics={"loss": 1.0}, progress_seq=1,
+        rank=0, step=7, metrics={"loss": 1.0}, progress_seq=1,
         step_durations=[(s, 0.1, 0.0) for s in range(1, 8)],
         events=[{"kind": "checkpoint_committed", "step": 5, "bytes": 10}])]
     commit_step(layout, 5)
     driver.step()
     driver.step()
     driver.step()
-    group.reports = [WorkerReport(rank=0, step=20, step_time=0.0, metrics={}, progress_seq=2,
+    group.reports = [WorkerReport(rank=0, step=20, metrics={}, progress_seq=2,
                                   step_durations=[(s, 0.1, 0.0) for s in range(6, 21)],
                                   events=[{"kind": "checkpoint_restored", "step": 5}])]
     result = driver.run()
@@ -243,7 +243,7 @@ class ClockedGroup(FakeGroup):
         return super().wait(timeout_s)
 
     def poll(self, timeout_s):
-        return [WorkerReport(rank=r, step=self.seq[r], step_time=0.0, metrics={},
+        return [WorkerReport(rank=r, step=self.seq[r], metrics={},
                              progress_seq=self.seq[r], step_durations=[], events=[])
                 for r in sorted(self.answering)]
 
