@@ -123,14 +123,74 @@ class ScalingConfig:
         return self.resources_per_worker.get("GPU", 0) > 0
 
 
+ASYNC_MODES = ("off", "thread", "process")
+
+
 @dataclass(kw_only=True, frozen=True)
 class CheckpointConfig:
     interval_steps: int = 10
-    """Save every this many steps (and always at the final step)."""
+    """Save every this many steps; 0 turns step-based saving off. The last step always saves."""
+    interval_s: float = 0.0
+    """Also save when this many seconds have passed since the last save; 0 turns it off."""
+    async_mode: str = "off"
+    """`off`: training waits while a save is written. `thread`: a background thread writes it.
+    `process`: a background process per worker writes it (no GIL contention with training).
+    Either way the state is copied while the next step's forward and backward run, and
+    training waits only if that copy is not done by the next optimizer step."""
+    keep_last: int = 0
+    """Keep the newest N committed checkpoints (0: this policy keeps none on its own)."""
+    keep_best: int = 0
+    """Keep the K checkpoints with the best `best_metric`."""
+    best_metric: str = ""
+    """Metric reported with each save (e.g. `loss`) that ranks checkpoints for `keep_best`
+    and `restore: best`."""
+    best_mode: str = "min"
+    """`min` or `max`: whether a smaller or a larger `best_metric` is better."""
+    keep_every: int = 0
+    """Keep every checkpoint whose step is a multiple of M, for good."""
+    overwrite: bool = False
+    """Allow a save at a step that already has a committed checkpoint: the new one is written
+    beside it and replaces it atomically. It also allows starting over from an earlier step
+    (`restore: <step>`): then the committed checkpoints of later steps are deleted once the
+    first new checkpoint commits."""
+    restore: int | str = "latest"
+    """Which checkpoint the job starts from: `latest`, `best`, or a step number. Restarts
+    after a failure always resume from the latest checkpoint this job committed."""
+    restore_parts: list[str] = field(default_factory=list)
+    """Restore only these parts of the state, by key prefix (e.g. `train.model` for the model
+    only); the rest keeps its initial values. Empty: everything."""
+    strict: bool = True
+    """With `false`, keys missing from the checkpoint or not in the model are reported in
+    an event instead of failing the restore."""
 
     def __post_init__(self) -> None:
-        _require(self.interval_steps >= 1, "checkpoint.interval_steps", "it must be at least 1",
+        _require(self.interval_steps >= 0, "checkpoint.interval_steps", "it must be >= 0",
                  self.interval_steps)
+        _require(self.interval_s >= 0, "checkpoint.interval_s", "it must be >= 0",
+                 self.interval_s)
+        _require(self.async_mode in ASYNC_MODES, "checkpoint.async_mode",
+                 f"use one of {', '.join(ASYNC_MODES)}", self.async_mode)
+        for key in ("keep_last", "keep_best", "keep_every"):
+            _require(getattr(self, key) >= 0, f"checkpoint.{key}", "it must be >= 0",
+                     getattr(self, key))
+        _require(self.best_mode in ("min", "max"), "checkpoint.best_mode", "use min or max",
+                 self.best_mode)
+        restore = self.restore
+        _require(restore in ("latest", "best") or (isinstance(restore, int)
+                                                    and not isinstance(restore, bool)
+                                                    and restore >= 0),
+                 "checkpoint.restore", "use latest, best or a step number", restore)
+        if (self.keep_best or restore == "best") and not self.best_metric:
+            what = "checkpoint.keep_best" if self.keep_best else "checkpoint.restore"
+            raise ConfigError(f"{what} needs checkpoint.best_metric: name the metric that "
+                              "ranks checkpoints (e.g. loss)")
+        _require(isinstance(self.restore_parts, list)
+                 and all(isinstance(p, str) and p for p in self.restore_parts),
+                 "checkpoint.restore_parts", "give a list of key prefixes", self.restore_parts)
+
+    @property
+    def keeps_everything(self) -> bool:
+        return not (self.keep_last or self.keep_best or self.keep_every)
 
 
 @dataclass(kw_only=True, frozen=True)

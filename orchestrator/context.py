@@ -2,7 +2,9 @@
 
 A workload builds its model, calls `ctx.restore(state)` once, trains from the step it returns,
 calls `ctx.report(step, ...)` after every step and `ctx.save_checkpoint(...)` when
-`ctx.checkpoint_due(step)` (and at its last step). Everything else -- process groups, storage,
+`ctx.checkpoint_due(step)` (and at its last step). With async saves, `save_checkpoint` returns
+as soon as the state is snapshotted, and the model's next `optimizer.step()` waits, if it must,
+for the snapshot's copy to finish (checkpoint/snapshot.py). Everything else -- process groups, storage,
 the commit protocol, fault injection -- is the orchestrator's business.
 """
 
@@ -20,6 +22,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from orchestrator.chaos import FaultInjector
 from orchestrator.checkpoint.manager import CheckpointManager
+from orchestrator.checkpoint.selection import RestorePlan
+from orchestrator.config import CheckpointConfig
 
 
 @dataclass(frozen=True)
@@ -136,8 +140,8 @@ class TrainState(Stateful):
 
 class TrainContext:
     def __init__(self, *, rank: int, world_size: int, local_rank: int, device: torch.device,
-                 args: dict[str, Any], attempt: int, checkpoint_interval_steps: int,
-                 restore_candidates: list[int], checkpoints: CheckpointManager,
+                 args: dict[str, Any], attempt: int, checkpoint: CheckpointConfig,
+                 restore: RestorePlan, checkpoints: CheckpointManager,
                  faults: FaultInjector, reporter: Reporter, stop: StopRequest) -> None:
         self.rank = rank
         self.world_size = world_size
@@ -146,8 +150,11 @@ class TrainContext:
         self.args = dict(args)
         self.attempt = attempt
         """0 for the first run of the gang, then 1, 2, ... after each restart."""
-        self._interval_steps = checkpoint_interval_steps
-        self._candidates = restore_candidates
+        self._interval_steps = checkpoint.interval_steps
+        self._interval_s = checkpoint.interval_s
+        self._restore_plan = restore
+        self._last_save = time.monotonic()
+        self._agreed_time_due = False
         self._checkpoints = checkpoints
         self._faults = faults
         self._reporter = reporter
@@ -160,25 +167,31 @@ class TrainContext:
 
         Collective: call once on every rank, before training.
         """
-        step = self._checkpoints.restore(state, self._candidates)
+        step = self._checkpoints.restore(state, self._restore_plan)
         self._reporter.alive(step)
         self._last_report = time.monotonic()
         return step
 
     def checkpoint_due(self, step: int) -> bool:
-        """Whether to save after `step`: on the interval, or at once when the gang agreed to
-        stop now (a preemption notice). Every rank gets the same answer."""
-        return step % self._interval_steps == 0 or self._agreed_stop is StopMode.NOW
+        """Whether to save after `step`: on the step interval, when `interval_s` has passed
+        since the last save, or at once when the gang agreed to stop now (a preemption
+        notice). Every rank gets the same answer (it was agreed in `report`)."""
+        on_interval = self._interval_steps > 0 and step % self._interval_steps == 0
+        return on_interval or self._agreed_time_due or self._agreed_stop is StopMode.NOW
 
     def save_checkpoint(self, step: int, state: dict[str, Any],
                         metrics: dict[str, float] | None = None) -> None:
         """Save and commit the checkpoint of `step`. Collective: every rank calls it."""
         self._checkpoints.save(step, state, metrics or {})
         self._reporter.alive()
+        self._last_save = time.monotonic()
+        self._agreed_time_due = False
+        if self._agreed_stop is not StopMode.NONE:
+            self._checkpoints.wait()  # the checkpoint we stop after must be committed
+            self._reporter.alive()
+            raise AttemptStopped(self._stop.reason or "a peer was asked to stop")
         # A save's time is not the next step's: restart the step clock.
         self._last_report = time.monotonic()
-        if self._agreed_stop is not StopMode.NONE:
-            raise AttemptStopped(self._stop.reason or "a peer was asked to stop")
 
     def report(self, step: int, **metrics: float) -> None:
         """Publish that `step` is done, with its metrics. Call on every rank after each step."""
@@ -188,5 +201,7 @@ class TrainContext:
         self._last_report = now
         self._faults.on_step_end(step)
         # A sync point, one small all-reduce a step: every rank must take the same decision
-        # to checkpoint and stop, whichever rank got the notice.
-        self._agreed_stop = StopMode(self._checkpoints.agree_max(int(self._stop.mode)))
+        # to checkpoint and stop, whichever rank got the notice or saw the clock run out.
+        time_due = self._interval_s > 0 and now - self._last_save >= self._interval_s
+        stop, due = self._checkpoints.agree_max([int(self._stop.mode), int(time_due)])
+        self._agreed_stop, self._agreed_time_due = StopMode(stop), bool(due)

@@ -20,9 +20,11 @@ from typing import Callable
 
 from orchestrator.chaos import pending_faults
 from orchestrator.checkpoint.commit import committed_checkpoints
+from orchestrator.checkpoint.housekeeping import find_debris, mark_invalid, remove_debris
+from orchestrator.checkpoint.selection import plan_restore
 from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.config import JobConfig
-from orchestrator.errors import PlacementError
+from orchestrator.errors import CheckpointError, PlacementError
 from orchestrator.events import EventLog, Goodput
 from orchestrator.hangs import ProgressWatch
 from orchestrator.failures import (Action, Failure, FailureKind, Incident, RankResult, classify,
@@ -127,6 +129,10 @@ class Driver:
         """Ranks asked to stop after a checkpoint in this attempt (each is asked once)."""
         self._next_cluster_check = 0.0
         self._next_progress_log = 0.0
+        self._committed_by_this_job = False
+        """Whether a checkpoint_committed event came from this job: from then on restarts
+        resume from the latest checkpoint, whatever `checkpoint.restore` says."""
+        self._reported_invalid: set[int] = set()
         self._attempt_span: tuple[float, float] | None = None
         """Monotonic times at which the first and the latest step of this attempt were seen."""
 
@@ -159,10 +165,24 @@ class Driver:
     # --- STARTING --------------------------------------------------------------------------
 
     def _start(self, state: Starting) -> None:
+        if state.attempt == 0:
+            self._collect_garbage()
         candidates, rejected = committed_checkpoints(self._layout)
         for r in rejected:
-            self.events.emit("checkpoint_invalid", step=r.step, problems=[r.reason])
-        from_step = candidates[0].step if candidates else 0
+            if r.step not in self._reported_invalid:
+                self._reported_invalid.add(r.step)
+                self.events.emit("checkpoint_invalid", step=r.step, problems=[r.reason])
+            if not r.future_format and not self._layout.storage.exists(
+                    *self._layout.invalid_marker(r.step)):
+                mark_invalid(self._layout, r.step, [r.reason])
+        try:
+            plan = plan_restore(self._config.checkpoint, candidates, rejected,
+                                self._layout.storage.url_of(self._layout.run_name),
+                                committed_by_this_job=self._committed_by_this_job)
+        except CheckpointError as e:
+            self._set_state(Failed(reason=str(e)))
+            return
+        from_step = plan.candidates[0] if plan.candidates else 0
         if state.attempt > 0:
             self.events.emit("restart", attempt=state.attempt, from_step=from_step,
                              replaced_ranks=sorted(state.lost))
@@ -188,8 +208,7 @@ class Driver:
             attempt=state.attempt, entrypoint=cfg.workload.entrypoint, args=cfg.workload.args,
             storage_url=cfg.run.storage_url, run_name=cfg.run.name,
             parallelism=str(cfg.workload.args.get("parallelism", "ddp")),
-            checkpoint_interval_steps=cfg.checkpoint.interval_steps,
-            restore_candidates=[c.step for c in candidates],
+            checkpoint=cfg.checkpoint, restore=plan,
             faults=pending_faults(cfg.chaos, self._layout)))
         now = self._monotonic()
         self._progress = ProgressWatch(range(len(infos)), now, cfg.failure.hang_timeout_s)
@@ -201,6 +220,16 @@ class Driver:
         self._awaiting_first_step = True
         self._attempt_span = None
         self._set_state(Running(attempt=state.attempt))
+
+    def _collect_garbage(self) -> None:
+        """Debris of interrupted saves goes at job start, when no save can be in flight: the
+        previous driver's workers are gone (they die with it)."""
+        debris = find_debris(self._layout)
+        if debris:
+            remove_debris(self._layout, debris)
+            self.events.emit("checkpoint_debris_removed",
+                             paths=["/".join(d.parts[1:]) for d in debris],
+                             reasons=[d.reason for d in debris])
 
     # --- RUNNING ---------------------------------------------------------------------------
 
@@ -303,6 +332,8 @@ class Driver:
                 self.events.emit(kind, rank=report.rank, **event)
                 if kind == "checkpoint_restored" and report.rank == 0:
                     self._goodput.record_restore(event["step"])
+                if kind == "checkpoint_committed":
+                    self._committed_by_this_job = True
             if report.rank == 0 and report.step_durations:
                 self._attempt_span = (self._attempt_span or (now, now))[0], now
                 if now >= self._next_progress_log:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.chaos import Fault
+from orchestrator.checkpoint.selection import RestorePlan
+from orchestrator.config import CheckpointConfig
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,9 @@ class AttemptSpec:
     storage_url: str
     run_name: str
     parallelism: str
-    checkpoint_interval_steps: int
-    restore_candidates: list[int]
-    """Committed steps, newest first; the first that verifies is restored."""
+    checkpoint: CheckpointConfig
+    restore: RestorePlan
+    """Which committed steps to try, in order; the first that verifies is restored."""
     faults: list[Fault] = field(default_factory=list)
 
 

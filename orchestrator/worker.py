@@ -29,6 +29,9 @@ from orchestrator.context import AttemptStopped, Reporter, StopMode, StopRequest
 from orchestrator.messages import AttemptSpec, ErrorInfo, Rendezvous, WorkerInfo, WorkerOutcome, WorkerReport
 
 _ABORT_TIMEOUT_S = 5.0
+_SAVE_DRAIN_TIMEOUT_S = 10.0
+"""How long a failed attempt waits for its background save: with a peer gone, the save's
+collectives fail within about a second; a save that takes longer is abandoned (uncommitted)."""
 
 
 class TrainWorker:
@@ -43,6 +46,7 @@ class TrainWorker:
         self._stop = StopRequest()
         self._rdzv: Rendezvous | None = None
         self._ckpt_group: dist.ProcessGroup | None = None
+        self._save_group: dist.ProcessGroup | None = None
         # A preemption notice (the cloud's SIGTERM) asks for a checkpoint now instead of
         # Ray's default of exiting at once. The actor's constructor runs on the main thread,
         # the only one allowed to install signal handlers.
@@ -84,6 +88,8 @@ class TrainWorker:
         dist.init_process_group(rdzv.backend, init_method=f"tcp://{rdzv.master_addr}:{rdzv.master_port}",
                                 rank=rdzv.rank, world_size=rdzv.world_size, timeout=timeout)
         self._ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
+        # Background saves get a group of their own (see checkpoint/manager.py).
+        self._save_group = dist.new_group(backend="gloo", timeout=timeout)
         self._rdzv = rdzv
         self._reporter = Reporter()
         if self._stop.mode is not StopMode.NOW:  # a notice of preemption stays in force
@@ -93,21 +99,27 @@ class TrainWorker:
         """Run the workload to its end. Failures come back as data, never as exceptions."""
         rdzv = self._rdzv
         assert rdzv is not None, "setup() must run before run()"
+        manager = None
         try:
             layout = RunLayout(Storage(spec.storage_url), spec.run_name)
             faults = FaultInjector(spec.faults, rdzv.rank, layout)
             manager = CheckpointManager(
                 layout=layout, rank=rdzv.rank, world_size=rdzv.world_size,
-                parallelism=spec.parallelism, group=self._ckpt_group, faults=faults,
-                emit=self._reporter.emit)
+                parallelism=spec.parallelism, group=self._ckpt_group,
+                save_group=self._save_group, config=spec.checkpoint, faults=faults,
+                emit=self._reporter.emit, host=rdzv.master_addr, timeout_s=rdzv.timeout_s)
             device = torch.device("cuda", 0) if rdzv.backend == "nccl" else torch.device("cpu")
             ctx = TrainContext(
                 rank=rdzv.rank, world_size=rdzv.world_size, local_rank=rdzv.local_rank,
                 device=device, args=spec.args, attempt=spec.attempt,
-                checkpoint_interval_steps=spec.checkpoint_interval_steps,
-                restore_candidates=spec.restore_candidates, checkpoints=manager,
+                checkpoint=spec.checkpoint, restore=spec.restore, checkpoints=manager,
                 faults=faults, reporter=self._reporter, stop=self._stop)
-            _load_entrypoint(spec.entrypoint)(ctx)
+            try:
+                _load_entrypoint(spec.entrypoint)(ctx)
+            except AttemptStopped:
+                manager.finish()
+                raise
+            manager.finish()  # the job waits for the save in flight before it ends
         except AttemptStopped as e:
             return WorkerOutcome(rank=rdzv.rank, step=self._reporter.progress.step,
                                  stopped=str(e), got_notice=self._stop.mode is StopMode.NOW)
@@ -120,8 +132,11 @@ class TrainWorker:
             # group), so drop it first, then the groups.
             e.__traceback__ = None
             del e
+            if manager is not None:
+                # A save in flight finishes or fails with its peers before we restart.
+                manager.close(timeout_s=_SAVE_DRAIN_TIMEOUT_S)
             ctx = manager = None  # noqa: F841 -- dropping references is the point
-            self._ckpt_group = None
+            self._ckpt_group = self._save_group = None
             gc.collect()
             _destroy_process_group()
             return WorkerOutcome(rank=rdzv.rank, step=self._reporter.progress.step, error=error)

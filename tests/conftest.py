@@ -22,3 +22,58 @@ def ray_cluster():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+# --- S3: a real S3-protocol server on loopback ----------------------------------------------
+# The endpoint is fixed now, before anything reads the environment, so that every process the
+# tests start (gang processes, Ray workers) reaches the same server the usual AWS way.
+import socket  # noqa: E402
+import uuid  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_PORT = _free_port()
+S3_SECRET = "test-secret-" + uuid.uuid4().hex  # unique: tests grep logs for it
+os.environ.update({
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+    "AWS_ACCESS_KEY_ID": "test-key-id",
+    "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+    "AWS_DEFAULT_REGION": "us-east-1",
+})
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 for the whole session (as s3fs's own tests do)."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    yield os.environ["AWS_ENDPOINT_URL"]
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket; returns its s3:// URL."""
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem().mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_url(request, tmp_path):
+    """Each checkpoint feature runs on local disk and on S3."""
+    if request.param == "local":
+        return str(tmp_path / "storage")
+    return request.getfixturevalue("s3_bucket") + "/storage"

@@ -1,25 +1,32 @@
 """The commit protocol, on storage alone (no torch.distributed here).
 
 Order of a save, enforced by the worker-side manager:
-  1. every rank writes its DCP shards into a *new* step directory;
-  2. the files are split among ranks and each rank checksums its share (`checksum_files`);
-  3. the shares are gathered on rank 0 -- this is where all ranks confirm;
-  4. rank 0 writes manifest.json last, atomically (`write_manifest`): the commit.
-A directory without a manifest is debris and is never restored from.
+  1. every rank writes its DCP shards into a *new* save folder inside the step directory,
+     hashing each file as it goes (writer.py);
+  2. the checksums are gathered on rank 0 -- this is where all ranks confirm;
+  3. rank 0 writes manifest.json last, atomically (`write_manifest`): the commit. The manifest
+     names the save folder, so a save written beside an older committed one of the same step
+     (overwrite) replaces it in that one atomic write, and the two saves' files never mix.
+A step directory without a manifest, or a save folder its manifest does not name, is debris
+and is never restored from (gc.py removes it).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-from orchestrator.checkpoint.layout import MANIFEST, RunLayout
-from orchestrator.checkpoint.manifest import FileEntry, Manifest, ManifestError, checksum_stream
+from orchestrator.checkpoint.layout import INVALID, MANIFEST, SAVE_DIR_PREFIX, RunLayout
+from orchestrator.checkpoint.manifest import (
+    HASH_ALGORITHM, FileEntry, FutureFormatError, Manifest, ManifestError, checksum_stream,
+)
 
 
-def data_files(layout: RunLayout, step: int) -> list[str]:
-    """Names of the files a save wrote into a step directory (all but the manifest)."""
-    names = (e.name for e in layout.storage.list_dir(*layout.step_dir(step)))
-    return sorted(n for n in names if n != MANIFEST and not n.startswith(".tmp-"))
+def data_files(layout: RunLayout, step: int, data_dir: str) -> list[str]:
+    """Names of the files a save wrote into its folder."""
+    names = (e.name for e in layout.storage.list_dir(*layout.data_dir(step, data_dir)))
+    return sorted(n for n in names if n not in (MANIFEST, INVALID) and not n.startswith(".tmp-")
+                  and not n.startswith(SAVE_DIR_PREFIX))
 
 
 def share_of(names: list[str], rank: int, world_size: int) -> list[str]:
@@ -27,11 +34,12 @@ def share_of(names: list[str], rank: int, world_size: int) -> list[str]:
     return names[rank::world_size]
 
 
-def checksum_files(layout: RunLayout, step: int, names: list[str]) -> dict[str, FileEntry]:
+def checksum_files(layout: RunLayout, step: int, data_dir: str, names: list[str],
+                   algorithm: str = HASH_ALGORITHM) -> dict[str, FileEntry]:
     result = {}
     for name in names:
-        with layout.storage.open_read(*layout.step_dir(step), name) as f:
-            size, checksum = checksum_stream(f)
+        with layout.storage.open_read(*layout.data_dir(step, data_dir), name) as f:
+            size, checksum = checksum_stream(f, algorithm)
         result[name] = FileEntry(size=size, checksum=checksum)
     return result
 
@@ -57,6 +65,8 @@ class Candidate:
 class Rejected:
     step: int
     reason: str
+    future_format: bool = False
+    """The manifest comes from a newer orchestrator: leave it alone, and do not resume."""
 
 
 def committed_checkpoints(layout: RunLayout) -> tuple[list[Candidate], list[Rejected]]:
@@ -68,14 +78,22 @@ def committed_checkpoints(layout: RunLayout) -> tuple[list[Candidate], list[Reje
     """
     candidates, rejected = [], []
     for step in reversed(layout.step_dirs()):
-        listing = {e.name: e.size for e in layout.storage.list_dir(*layout.step_dir(step))}
-        if MANIFEST not in listing:
+        if not layout.storage.exists(*layout.manifest(step)):
             continue  # debris of an interrupted save: not a checkpoint at all
         try:
             manifest = read_manifest(layout, step)
+        except FutureFormatError as e:
+            rejected.append(Rejected(step, str(e), future_format=True))
+            continue
         except (ManifestError, OSError) as e:
             rejected.append(Rejected(step, f"manifest unreadable: {e}"))
             continue
+        if layout.storage.exists(*layout.invalid_marker(step)):
+            rejected.append(Rejected(step, "marked invalid by an earlier restore: "
+                                           f"{invalid_reason(layout, step)}"))
+            continue
+        listing = {e.name: e.size for e in
+                   layout.storage.list_dir(*layout.data_dir(step, manifest.data_dir))}
         problem = _size_problem(manifest, listing)
         if problem:
             rejected.append(Rejected(step, problem))
@@ -96,10 +114,32 @@ def _size_problem(manifest: Manifest, listing: dict[str, int]) -> str | None:
 def verify_files(layout: RunLayout, manifest: Manifest, names: list[str]) -> list[str]:
     """Checksum `names` against the manifest; return one line per file that does not match."""
     problems = []
-    actual = checksum_files(layout, manifest.step, names)
     for name in names:
-        want, got = manifest.files[name], actual[name]
+        want = manifest.files[name]
+        try:
+            got = checksum_files(layout, manifest.step, manifest.data_dir, [name],
+                                 manifest.hash_algorithm)[name]
+        except OSError as e:
+            problems.append(f"{name}: unreadable: {e}")
+            continue
         if got != want:
             problems.append(f"{name}: size {got.size} checksum {got.checksum}, "
                             f"manifest says size {want.size} checksum {want.checksum}")
     return problems
+
+
+def invalid_reason(layout: RunLayout, step: int) -> str:
+    try:
+        problems = json.loads(layout.storage.read_bytes(*layout.invalid_marker(step)))["problems"]
+        return "; ".join(problems)[:500]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "(reason unreadable)"
+
+
+def delete_checkpoint(layout: RunLayout, step: int) -> None:
+    """Remove a committed checkpoint: the manifest first, so that an interruption leaves
+    debris (ignored, and removed by gc) rather than a checkpoint with missing files."""
+    storage = layout.storage
+    if storage.exists(*layout.manifest(step)):
+        storage.remove_file(*layout.manifest(step))
+    storage.remove_tree(*layout.step_dir(step))

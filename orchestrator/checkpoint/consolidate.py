@@ -8,22 +8,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from orchestrator.checkpoint.commit import read_manifest
 from orchestrator.checkpoint.layout import RunLayout
+from orchestrator.checkpoint.writer import reader
 
 
 def load_full_state(layout: RunLayout, step: int) -> dict[str, Any]:
-    """The checkpoint of `step` as a nested dict of full tensors and plain values."""
-    storage = layout.storage
-    if storage.is_local:
-        reader = FileSystemReader(storage.path(*layout.step_dir(step)))
-    else:
-        reader = FsspecReader(storage.url_of(*layout.step_dir(step)))
+    """The committed checkpoint of `step` as a nested dict of full tensors and plain values."""
+    manifest = read_manifest(layout, step)
     state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)
+    _load_state_dict(state, storage_reader=reader(layout, step, manifest.data_dir),
+                     planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     return state

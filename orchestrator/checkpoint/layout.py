@@ -1,7 +1,9 @@
 """Where things live inside a run's storage (the format contract of DESIGN.md).
 
     <storage>/<run_name>/
-      checkpoints/step_000000120/   DCP files + manifest.json (written last: the commit marker)
+      checkpoints/step_000000120/   manifest.json (written last: the commit marker) and
+        save-<id>/                  the DCP files of one save (format 1: in the step folder)
+        invalid.json                written when a restore finds the files corrupt
       events.jsonl                  the run's event log
       summary.json                  written when the run ends
       chaos/                        one marker per fault-injection entry that has fired
@@ -15,9 +17,11 @@ from orchestrator.checkpoint.storage import Storage
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
+INVALID = "invalid.json"
 EVENTS = "events.jsonl"
 SUMMARY = "summary.json"
 CHAOS = "chaos"
+SAVE_DIR_PREFIX = "save-"
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
 
 
@@ -42,8 +46,17 @@ class RunLayout:
     def step_dir(self, step: int) -> tuple[str, ...]:
         return (self.run_name, CHECKPOINTS, step_dir_name(step))
 
+    def data_dir(self, step: int, data_dir: str) -> tuple[str, ...]:
+        """Folder of one save's DCP files ("" for format 1: the step folder itself)."""
+        return (*self.step_dir(step), data_dir) if data_dir else self.step_dir(step)
+
     def manifest(self, step: int) -> tuple[str, ...]:
         return (*self.step_dir(step), MANIFEST)
+
+    def invalid_marker(self, step: int) -> tuple[str, ...]:
+        """Written beside a manifest whose files failed verification: the step is skipped,
+        and may be saved again without `overwrite`."""
+        return (*self.step_dir(step), INVALID)
 
     @property
     def checkpoints(self) -> tuple[str, ...]:

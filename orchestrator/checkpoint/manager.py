@@ -1,34 +1,64 @@
 """Worker-side checkpointing: DCP saves and loads under the commit protocol of commit.py.
 
-Every method is collective: all ranks call it in the same order with the same arguments.
-Checkpoint collectives run on a gloo group of their own, so that they work under NCCL training
-too (object collectives on NCCL need CUDA tensors) and so async saves can use it later without
-deadlocking the training group.
+Every public method is collective: all ranks call it in the same order with the same
+arguments. Three process groups are involved, each for a reason:
+  - the training group (NCCL or gloo) is never used here;
+  - `group` (gloo) carries what the training thread does: restores, the decision to save,
+    the per-step agreement of `agree_max`;
+  - `save_group` (gloo) carries what the background save thread does. A save running in the
+    background on the same group as the training thread would interleave its collectives
+    with the training thread's and deadlock.
+
+Saves (`checkpoint.async_mode`):
+  off      the training thread writes, checksums, commits;
+  thread   a snapshot is taken (snapshot.py: the big copy overlaps the next step) and a
+           background thread writes and commits it;
+  process  as thread, but a child process per worker writes (save_process.py), so the
+           serialisation does not compete with training for the GIL.
+At most one save is in flight: the next waits for it (an event says how long). The manifest
+is written only after every rank reports its write finished. A failed background save is a
+`checkpoint_failed` event and leaves that step uncommitted.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import pickle
 import random
 import time
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint.default_planner import (
+    DefaultLoadPlanner, create_default_local_load_plan,
+)
+from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.stateful import Stateful
 
 import orchestrator
 from orchestrator.chaos import FaultInjector
-from orchestrator.checkpoint import commit
-from orchestrator.checkpoint.layout import RunLayout
-from orchestrator.checkpoint.manifest import Manifest, ManifestError
+from orchestrator.checkpoint import commit, housekeeping
+from orchestrator.checkpoint.layout import SAVE_DIR_PREFIX, RunLayout
+from orchestrator.checkpoint.manifest import FileEntry, Manifest, ManifestError
+from orchestrator.checkpoint.selection import RestorePlan
+from orchestrator.checkpoint.save_process import SaveProcess, SaveRequest
+from orchestrator.checkpoint.snapshot import Snapshot, Snapshotter, StepGate, optimizers_in, plain_state
+from orchestrator.checkpoint.writer import hashing_writer, reader
+from orchestrator.config import CheckpointConfig
 from orchestrator.errors import CheckpointError
 
 Emit = Callable[..., None]
+log = logging.getLogger(__name__)
+_RNG_PREFIX = "rng_rank"
+_KEYS_SHOWN = 8
 
 
 class RankRng(Stateful):
@@ -58,44 +88,129 @@ class RankRng(Stateful):
             torch.cuda.set_rng_state(state["cuda"])
 
 
+class _PartialLoadPlanner(DefaultLoadPlanner):
+    """Loads only the keys `keep` accepts that the checkpoint has; the rest of the state keeps
+    its current values."""
+
+    def __init__(self, keep: Callable[[str], bool]) -> None:
+        super().__init__(allow_partial_load=True)
+        self._keep = keep
+
+    def create_local_plan(self) -> LoadPlan:
+        # Filtered here rather than in set_up_planner: the base class's create_local_plan
+        # re-flattens the whole state when the checkpoint has keys the state lacks (its
+        # guess at a pre-2.4 checkpoint), which would undo the selection.
+        have = self.metadata.state_dict_metadata
+        self.state_dict = {k: v for k, v in self.state_dict.items()
+                           if self._keep(k) and k in have}
+        return create_default_local_load_plan(self.state_dict, self.metadata, False)
+
+
+def _under(key: str, parts: list[str]) -> bool:
+    return not parts or any(key == p or key.startswith(p + ".") for p in parts)
+
+
+@dataclass
+class _Job:
+    step: int
+    data_dir: str
+    future: concurrent.futures.Future
+
+
 class CheckpointManager:
     def __init__(self, *, layout: RunLayout, rank: int, world_size: int, parallelism: str,
-                 group: dist.ProcessGroup, faults: FaultInjector, emit: Emit) -> None:
+                 group: dist.ProcessGroup, save_group: dist.ProcessGroup | None,
+                 config: CheckpointConfig, faults: FaultInjector, emit: Emit,
+                 host: str = "127.0.0.1", timeout_s: float = 300.0) -> None:
         self._layout = layout
         self._rank = rank
         self._world_size = world_size
         self._parallelism = parallelism
         self._group = group
+        self._save_group = save_group or group
+        self._config = config
         self._faults = faults
         self._emit = emit
+        self._mode = config.async_mode
+        if self._mode != "off" and save_group is None:
+            raise ValueError("async saves need a save_group of their own")
+        self._snapshotter = Snapshotter(shared_memory=self._mode == "process",
+                                        keep_dtensors=self._mode == "thread")
+        self._gate = StepGate(self._on_gate_wait)
+        self._background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt")
+        self._job: _Job | None = None
+        self._writer_process = (SaveProcess(rank=rank, world_size=world_size, host=host,
+                                            timeout_s=timeout_s)
+                                if self._mode == "process" else None)
+        self._replaced_later: dict[int, list[int]] = {}
+        self._writer_started = False
+        self.stall_s = 0.0
+        """Time the training thread spent blocked on checkpoint saves, in total."""
 
     # --- restore ---------------------------------------------------------------------------
 
-    def restore(self, state: dict[str, Any], candidates: list[int]) -> int:
-        """Load the newest candidate whose files verify; return its step, or 0 if none.
+    def restore(self, state: dict[str, Any], plan: RestorePlan) -> int:
+        """Load the first candidate whose files verify; return its step, or 0 if none.
 
-        A candidate that fails verification is skipped loudly (an event names the file) and
-        the next older one is tried.
+        A candidate that fails verification is skipped loudly (an event names the file, and
+        the checkpoint is marked invalid) and the next one is tried.
         """
-        for step in candidates:
+        for step in plan.candidates:
             t0 = time.monotonic()
             manifest, problems = self._verify(step)
             if problems:
                 if self._rank == 0:
                     self._emit("checkpoint_invalid", step=step, problems=problems)
+                    housekeeping.mark_invalid(self._layout, step, problems)
                 continue
             verify_s = time.monotonic() - t0
-            saved_world = manifest.world_size
-            # A rank that did not exist when the checkpoint was taken has no RNG state in
-            # it: it keeps the one it was seeded with (the world size changed: elastic).
-            to_load = self._with_rng(state) if self._rank < saved_world else dict(state)
-            dcp.load(to_load, storage_reader=self._reader(step), process_group=self._group)
+            self._load(step, manifest, state, plan)
             if self._rank == 0:
-                self._emit("checkpoint_restored", step=step, saved_world_size=saved_world,
-                           world_size=self._world_size, verify_s=round(verify_s, 3),
+                self._emit("checkpoint_restored", step=step,
+                           saved_world_size=manifest.world_size, world_size=self._world_size,
+                           saved_parallelism=manifest.parallelism,
+                           parts=manifest.parts or plan.parts, bytes=manifest.total_bytes,
+                           verify_s=round(verify_s, 3),
                            load_s=round(time.monotonic() - t0 - verify_s, 3))
             return step
+        if plan.required:
+            raise CheckpointError(
+                f"checkpoint.restore: none of steps {plan.candidates} in "
+                f"{self._layout.storage.url_of(*self._layout.checkpoints)} could be restored "
+                "(see the checkpoint_invalid events)")
         return 0
+
+    def _load(self, step: int, manifest: Manifest, state: dict[str, Any],
+              plan: RestorePlan) -> None:
+        parts = manifest.parts or plan.parts
+        # A rank that did not exist when the checkpoint was taken has no RNG state in it: it
+        # keeps the one it was seeded with (the world size changed: elastic). A partial
+        # restore leaves the RNG alone.
+        with_rng = self._rank < manifest.world_size and not parts
+        to_load = self._with_rng(state) if with_rng else dict(state)
+        storage_reader = reader(self._layout, step, manifest.data_dir)
+        have = set(storage_reader.read_metadata().state_dict_metadata)
+        wanted, _ = flatten_state_dict(plain_state(to_load))
+        selected = {k for k in wanted if _under(k, parts)}
+        missing = sorted(selected - have)
+        unexpected = sorted(k for k in have - set(wanted)
+                            if _under(k, parts) and not k.startswith(_RNG_PREFIX))
+        if missing or unexpected:
+            strict = plan.strict and not manifest.parts
+            detail = (f"missing from the checkpoint: {_few(missing)}; "
+                      f"in the checkpoint but not in the state: {_few(unexpected)}")
+            if strict:
+                raise CheckpointError(
+                    f"step {step} does not match the state being restored ({detail}); set "
+                    "checkpoint.strict: false to restore what matches, or "
+                    "checkpoint.restore_parts to restore some parts only")
+            if self._rank == 0:
+                self._emit("checkpoint_keys_mismatch", step=step, missing=missing[:100],
+                           unexpected=unexpected[:100], missing_count=len(missing),
+                           unexpected_count=len(unexpected))
+        keep = lambda key: _under(key, parts) or key.startswith(_RNG_PREFIX)  # noqa: E731
+        dcp.load(to_load, storage_reader=storage_reader, planner=_PartialLoadPlanner(keep),
+                 process_group=self._group)
 
     def _verify(self, step: int) -> tuple[Manifest | None, list[str]]:
         """Every rank checks its share of the files; all ranks see all problems."""
@@ -113,71 +228,200 @@ class CheckpointManager:
     # --- save ------------------------------------------------------------------------------
 
     def save(self, step: int, state: dict[str, Any], metrics: dict[str, float]) -> None:
-        """Write `state` as the checkpoint of `step` and commit it."""
+        """Save `state` as the checkpoint of `step`: at once (off), or start it (async)."""
         t0 = time.monotonic()
-        self._prepare_fresh_dir(step)
-        dcp.save(self._with_rng(state), storage_writer=self._writer(step),
-                 process_group=self._group)
-        written_s = time.monotonic() - t0
-        self._faults.on_shards_written(step)
-
-        # Spread checksumming over the ranks; the gather is where every rank confirms.
-        names = commit.data_files(self._layout, step)
-        mine = commit.checksum_files(
-            self._layout, step, commit.share_of(names, self._rank, self._world_size))
-        shares: list[dict] = [{} for _ in range(self._world_size)]
-        dist.all_gather_object(shares, mine, group=self._group)
-        if self._rank != 0:
+        self._wait_in_flight(step)
+        data_dir = self._prepare(step)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if self._mode == "off":
+            if self._write_and_commit(step, data_dir, self._with_rng(state), metrics,
+                                      self._group, started=t0):
+                self._background.submit(self._housekeeping, step)
+            self.stall_s += time.monotonic() - t0
             return
-        files = {name: entry for share in shares for name, entry in share.items()}
-        missing = set(names) - set(files)
-        assert not missing, f"files not checksummed by any rank: {sorted(missing)}"
+        snap = self._snapshotter.take(self._with_rng(state))
+        self._gate.hook(optimizers_in(state))
+        self._gate.arm(snap)
+        future = self._background.submit(self._save_in_background, step, data_dir, snap,
+                                         metrics, t0)
+        self._job = _Job(step, data_dir, future)
+        self.stall_s += time.monotonic() - t0
+
+    def wait(self) -> None:
+        """Block until the save in flight, if any, is committed (or has failed)."""
+        self._wait_in_flight(None)
+
+    def settle(self) -> None:
+        """Block until the save in flight and the housekeeping after it are done."""
+        self.wait()
+        self._background.submit(lambda: None).result()
+
+    def finish(self) -> None:
+        """The attempt ended well: wait for the save in flight and the housekeeping."""
+        self.settle()
+        self.close()
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Let go of the background thread and writer process; wait at most `timeout_s` for a
+        save in flight (after a failure its peers may be gone, and it fails with them)."""
+        self._gate.remove()
+        if self._job is not None:
+            concurrent.futures.wait([self._job.future], timeout=timeout_s)
+        self._background.shutdown(wait=timeout_s is None)
+        if self._writer_process is not None:
+            self._writer_process.close()
+
+    def _wait_in_flight(self, next_step: int | None) -> None:
+        job, self._job = self._job, None
+        if job is None:
+            return
+        t0 = time.monotonic()
+        was_done = job.future.done()
+        job.future.result()  # _save_in_background reports its own errors
+        waited = time.monotonic() - t0
+        if next_step is not None and not was_done and self._rank == 0:
+            log.info("checkpoint of step %d waits %.2fs for the save of step %d",
+                     next_step, waited, job.step)
+            self._emit("checkpoint_wait", step=next_step, waiting_for=job.step,
+                       waited_s=round(waited, 3))
+
+    def _on_gate_wait(self, waited_s: float) -> None:
+        self.stall_s += waited_s
+
+    def _prepare(self, step: int) -> str:
+        """Rank 0 decides whether `step` may be saved and names the new save folder."""
+        error, data_dir = None, f"{SAVE_DIR_PREFIX}{uuid.uuid4().hex[:12]}"
+        if self._rank == 0:
+            error = housekeeping.refuse_save(self._layout, step, self._config.overwrite)
+            # Listed now, before this save starts, so that the deletion after its commit can
+            # only ever hit checkpoints of an abandoned timeline, never a later save.
+            self._replaced_later[step] = (housekeeping.later_steps(self._layout, step)
+                                          if self._config.overwrite and not error else [])
+        box = [error, data_dir]
+        dist.broadcast_object_list(box, src=0, group=self._group)
+        if box[0]:
+            raise CheckpointError(box[0])
+        return box[1]
+
+    def _save_in_background(self, step: int, data_dir: str, snap: Snapshot,
+                            metrics: dict[str, float], started: float) -> None:
+        try:
+            snap.copy_deferred()
+            if self._write_and_commit(step, data_dir, snap.state, metrics, self._save_group,
+                                      started=started, copy_s=snap.copy_s):
+                self._housekeeping(step)
+        except BaseException as e:  # noqa: BLE001 -- a background save must never vanish
+            log.exception("background save of step %d failed", step)
+            self._emit("checkpoint_failed", step=step, errors=[describe_error(e)])
+
+    def _write_and_commit(self, step: int, data_dir: str, state: dict[str, Any],
+                          metrics: dict[str, float], group: dist.ProcessGroup, *,
+                          started: float, copy_s: float = 0.0) -> bool:
+        """Write, gather every rank's checksums, and (rank 0) commit. True where this
+        process committed the checkpoint."""
+        error, written = "", {}
+        try:
+            written = self._write(step, data_dir, state, group)
+        except BaseException as e:  # noqa: BLE001 -- gathered below, so every rank knows
+            if self._mode == "off":
+                raise
+            error = f"rank {self._rank}: {describe_error(e)}"
+        written_s = time.monotonic() - started
+        self._faults.on_shards_written(step)
+        shares: list[Any] = [None] * self._world_size
+        dist.all_gather_object(shares, (written, error), group=group)
+        errors = [e for _, e in shares if e]
+        if errors:
+            if self._rank == 0:
+                self._emit("checkpoint_failed", step=step, errors=errors)
+            return False
+        if self._rank != 0:
+            return False
+        files: dict[str, FileEntry] = {}
+        for share, _ in shares:
+            files.update(share)
+        files = self._complete(step, data_dir, files)
         manifest = Manifest(
-            step=step, world_size=self._world_size, parallelism=self._parallelism, files=files,
-            metrics={k: float(v) for k, v in metrics.items()},
+            step=step, world_size=self._world_size, parallelism=self._parallelism,
+            data_dir=data_dir, files=files, metrics=metrics,
             torch_version=torch.__version__, orchestrator_version=orchestrator.__version__,
         )
         commit.write_manifest(self._layout, manifest)
         self._emit("checkpoint_committed", step=step, bytes=manifest.total_bytes,
-                   write_s=round(written_s, 3), total_s=round(time.monotonic() - t0, 3))
+                   mode=self._mode, copy_s=round(copy_s, 3), write_s=round(written_s, 3),
+                   total_s=round(time.monotonic() - started, 3))
+        return True
 
-    def _prepare_fresh_dir(self, step: int) -> None:
-        """DCP must never write into an existing directory: a stale .metadata beside new
-        shards can load silently as a mix of two steps."""
-        error = None
-        if self._rank == 0:
-            storage, step_dir = self._layout.storage, self._layout.step_dir(step)
-            if storage.exists(*self._layout.manifest(step)):
-                error = (f"step {step} already has a committed checkpoint in "
-                         f"{storage.url_of(*step_dir)}; refusing to overwrite it")
-            elif storage.exists(*step_dir):
-                storage.remove_tree(*step_dir)  # debris of an interrupted save
-                self._emit("checkpoint_debris_removed", step=step)
-        box = [error]
-        dist.broadcast_object_list(box, src=0, group=self._group)
-        if box[0]:
-            raise CheckpointError(box[0])
+    def _write(self, step: int, data_dir: str, state: dict[str, Any],
+               group: dist.ProcessGroup) -> dict[str, FileEntry]:
+        if self._writer_process is None:
+            writer = hashing_writer(self._layout, step, data_dir)
+            dcp.save(state, storage_writer=writer, process_group=group)
+            return dict(writer.fs.written)
+        if not self._writer_started:
+            # Every rank starts its writer at the first save, together (a collective).
+            self._writer_started = True
+            self._writer_process.start(lambda port: self._broadcast_int(port, group))
+        if not self._writer_process.alive:
+            raise CheckpointError("the checkpoint writer process is gone")
+        reply = self._writer_process.save(SaveRequest(
+            state=state, storage_url=self._layout.storage.url, run_name=self._layout.run_name,
+            step=step, data_dir=data_dir))
+        if reply.error:
+            raise CheckpointError(f"writer process: {reply.error}")
+        return reply.written
 
-    def agree_max(self, value: int) -> int:
-        """The largest `value` over all ranks (a small collective on the checkpoint group)."""
-        t = torch.tensor([value], dtype=torch.int64)
+    def _complete(self, step: int, data_dir: str,
+                  files: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        """Every file in the save folder must have a checksum; hash any a writer did not
+        report (none, normally) by reading it back."""
+        names = commit.data_files(self._layout, step, data_dir)
+        unknown = [n for n in names if n not in files]
+        if unknown:
+            files = {**files, **commit.checksum_files(self._layout, step, data_dir, unknown)}
+        return {n: files[n] for n in names}
+
+    def _housekeeping(self, step: int) -> None:
+        """After a commit, on rank 0, off the training thread: drop what the commit replaced
+        and what retention no longer keeps."""
+        if self._rank != 0:
+            return
+        later = self._replaced_later.pop(step, [])
+        try:
+            for event in housekeeping.after_commit(self._layout, step, self._config, later):
+                self._emit(**event)
+        except Exception as e:  # noqa: BLE001 -- deleting old checkpoints must not stop training
+            log.exception("housekeeping after step %d failed", step)
+            self._emit("checkpoint_housekeeping_failed", step=step, error=str(e)[:500])
+
+    def agree_max(self, values: list[int]) -> list[int]:
+        """The element-wise maximum of `values` over all ranks (one small collective)."""
+        t = torch.tensor(values, dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
-        return int(t.item())
+        return [int(v) for v in t.tolist()]
 
     # --- plumbing --------------------------------------------------------------------------
 
+    def _broadcast_int(self, value: int, group: dist.ProcessGroup) -> int:
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=group)
+        return int(box[0])
+
     def _with_rng(self, state: dict[str, Any]) -> dict[str, Any]:
-        return {**state, f"rng_rank{self._rank}": RankRng()}
+        return {**state, f"{_RNG_PREFIX}{self._rank}": RankRng()}
 
-    def _writer(self, step: int):
-        storage = self._layout.storage
-        if storage.is_local:
-            return FileSystemWriter(storage.path(*self._layout.step_dir(step)), sync_files=True)
-        # FsspecWriter's sync_files calls os.sync() on the whole host: pointless for S3.
-        return FsspecWriter(storage.url_of(*self._layout.step_dir(step)), sync_files=False)
 
-    def _reader(self, step: int):
-        storage = self._layout.storage
-        if storage.is_local:
-            return FileSystemReader(storage.path(*self._layout.step_dir(step)))
-        return FsspecReader(storage.url_of(*self._layout.step_dir(step)))
+def describe_error(e: BaseException) -> str:
+    """One line per failed rank: DCP wraps every rank's error in a CheckpointException whose
+    str() is a page of traceback."""
+    if isinstance(e, CheckpointException):
+        return "; ".join(f"rank {rank}: {type(exc).__name__}: {str(exc)[:300]}"
+                         for rank, (exc, _) in sorted(e.failures.items()))
+    return f"{type(e).__name__}: {str(e)[:500]}"
+
+
+def _few(keys: list[str]) -> str:
+    if not keys:
+        return "none"
+    more = f" and {len(keys) - _KEYS_SHOWN} more" if len(keys) > _KEYS_SHOWN else ""
+    return ", ".join(keys[:_KEYS_SHOWN]) + more

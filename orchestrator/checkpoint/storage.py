@@ -7,14 +7,56 @@ through s3fs/botocore and are never stored by us.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from orchestrator.errors import StorageError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors worth another try: the network, throttling, a service hiccup. Everything else (not
+# found, access denied, no such bucket) is an answer, and retrying it only delays the message.
+_TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.EBUSY,
+                     errno.ECONNREFUSED, errno.EPIPE}
+RETRY_ATTEMPTS = 5
+RETRY_INITIAL_S = 0.2
+
+
+def is_transient(error: BaseException) -> bool:
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    permanent = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+                 IsADirectoryError)
+    return (isinstance(error, OSError) and not isinstance(error, permanent)
+            and error.errno in _TRANSIENT_ERRNOS)
+
+
+def with_retries(op: Callable[[], T], what: str, *, attempts: int = RETRY_ATTEMPTS,
+                 initial_s: float = RETRY_INITIAL_S, sleep: Callable[[float], Any] = time.sleep) -> T:
+    """Run `op`, retrying transient errors with exponential backoff (0.2, 0.4, 0.8 s, ...)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return op()
+        except Exception as e:  # noqa: BLE001 -- filtered by is_transient
+            if attempt == attempts or not is_transient(e):
+                raise
+            delay = initial_s * 2 ** (attempt - 1)
+            # The error's type and errno only: messages from botocore can quote request
+            # details, and credentials must never reach a log.
+            log.warning("storage: %s failed (%s, errno %s); retry %d of %d in %.1f s",
+                        what, type(e).__name__, getattr(e, "errno", None), attempt,
+                        attempts - 1, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -44,23 +86,29 @@ class Storage:
         return "/".join([self.url, *parts]) if parts else self.url
 
     def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.path(*parts))
+        return with_retries(lambda: self.fs.exists(self.path(*parts)), "exists")
 
     def list_dir(self, *parts: str) -> list[FileInfo]:
         """Files and folders directly under a folder; empty when it does not exist."""
         try:
             # refresh: object stores cache listings, and a commit must be seen at once.
-            entries = self.fs.ls(self.path(*parts), detail=True, refresh=True)
+            entries = with_retries(
+                lambda: self.fs.ls(self.path(*parts), detail=True, refresh=True), "list")
         except FileNotFoundError:
             return []
         return [FileInfo(name=e["name"].rstrip("/").rsplit("/", 1)[-1], size=int(e.get("size") or 0))
                 for e in entries]
 
     def read_bytes(self, *parts: str) -> bytes:
-        return self.fs.cat_file(self.path(*parts))
+        return with_retries(lambda: self.fs.cat_file(self.path(*parts)), "read")
 
     def open_read(self, *parts: str):
-        return self.fs.open(self.path(*parts), "rb")
+        path = self.path(*parts)
+        if not self.is_local:
+            # s3fs pins the ETag it last listed; a file replaced since (by another process)
+            # would then fail to open instead of being read as it is now.
+            self.fs.invalidate_cache(path)
+        return with_retries(lambda: self.fs.open(path, "rb"), "open")
 
     def write_atomic(self, data: bytes, *parts: str) -> None:
         """Make `data` appear at the path whole or not at all.
@@ -71,7 +119,7 @@ class Storage:
         """
         target = self.path(*parts)
         if not self.is_local:
-            self.fs.pipe_file(target, data)
+            with_retries(lambda: self.fs.pipe_file(target, data), "write")
             return
         folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
@@ -84,13 +132,51 @@ class Storage:
         fsync_dir(folder)
 
     def makedirs(self, *parts: str) -> None:
-        self.fs.makedirs(self.path(*parts), exist_ok=True)
+        # Object stores have no folders, and s3fs's makedirs would create a missing bucket:
+        # a storage that does not exist must stay an error.
+        if self.is_local:
+            self.fs.makedirs(self.path(*parts), exist_ok=True)
+
+    def remove_file(self, *parts: str) -> None:
+        try:
+            with_retries(lambda: self.fs.rm_file(self.path(*parts)), "remove")
+        except FileNotFoundError:
+            pass
 
     def remove_tree(self, *parts: str) -> None:
         try:
-            self.fs.rm(self.path(*parts), recursive=True)
+            with_retries(lambda: self.fs.rm(self.path(*parts), recursive=True), "remove")
         except FileNotFoundError:
             pass
+
+    def newest_mtime(self, *parts: str) -> float | None:
+        """Newest modification time (epoch seconds) of any file under a folder."""
+        try:
+            found = self.fs.find(self.path(*parts), detail=True)
+        except FileNotFoundError:
+            return None
+        times = [_mtime(info) for info in found.values()]
+        return max((t for t in times if t is not None), default=None)
+
+    def check_writable(self, *parts: str) -> None:
+        """Write and remove a probe file under `parts`, so that a storage that refuses
+        writes or does not exist is a one-line error before anything is started."""
+        probe = (*parts, f".probe-{uuid.uuid4().hex}")
+        try:
+            self.makedirs(*parts)
+            self.write_atomic(b"probe", *probe)
+            self.remove_file(*probe)
+        except Exception as e:  # noqa: BLE001 -- any failure is the answer
+            reason = (getattr(e, "strerror", None) or str(e) or "no reason given")[:200]
+            raise StorageError(f"storage {self.url} cannot be written: {reason} "
+                               f"({type(e).__name__})") from e
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    value = info.get("mtime") or info.get("LastModified") or info.get("created")
+    if value is None:
+        return None
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
 def fsync_dir(folder: str) -> None:

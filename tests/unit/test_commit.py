@@ -17,17 +17,20 @@ def layout(request, tmp_path):
     return RunLayout(Storage(url), "run")
 
 
+DATA = "save-a"
+
+
 def save(layout, step, files=None, commit_it=True):
     files = files or {"__0_0.distcp": b"a" * 100, "__1_0.distcp": b"b" * 50, ".metadata": b"m"}
     for name, data in files.items():
-        layout.storage.write_atomic(data, *layout.step_dir(step), name)
-    names = commit.data_files(layout, step)
+        layout.storage.write_atomic(data, *layout.data_dir(step, DATA), name)
+    names = commit.data_files(layout, step, DATA)
     entries = {}
     for rank in range(2):  # what two ranks would each checksum
-        entries.update(commit.checksum_files(layout, step, commit.share_of(names, rank, 2)))
+        entries.update(commit.checksum_files(layout, step, DATA, commit.share_of(names, rank, 2)))
     if commit_it:
         commit.write_manifest(layout, Manifest(step=step, world_size=2, parallelism="ddp",
-                                               files=entries))
+                                               files=entries, data_dir=DATA))
 
 
 def test_step_dirs_are_zero_padded_and_sorted_by_number(layout):
@@ -59,7 +62,7 @@ def test_newest_first_and_every_file_listed_with_size_and_checksum(layout):
 def test_a_truncated_or_missing_file_rejects_the_checkpoint_cheaply(layout):
     save(layout, 5)
     save(layout, 10)
-    layout.storage.write_atomic(b"a" * 10, *layout.step_dir(10), "__0_0.distcp")
+    layout.storage.write_atomic(b"a" * 10, *layout.data_dir(10, DATA), "__0_0.distcp")
     candidates, rejected = commit.committed_checkpoints(layout)
     assert [c.step for c in candidates] == [5]
     assert rejected[0].step == 10 and "__0_0.distcp has 10 bytes" in rejected[0].reason
@@ -67,7 +70,7 @@ def test_a_truncated_or_missing_file_rejects_the_checkpoint_cheaply(layout):
 
 def test_corrupted_bytes_of_the_same_size_fail_verification(layout):
     save(layout, 5)
-    layout.storage.write_atomic(b"X" * 100, *layout.step_dir(5), "__0_0.distcp")
+    layout.storage.write_atomic(b"X" * 100, *layout.data_dir(5, DATA), "__0_0.distcp")
     (candidate,), _ = commit.committed_checkpoints(layout)  # same size: passes the cheap check
     problems = commit.verify_files(layout, candidate.manifest, sorted(candidate.manifest.files))
     assert len(problems) == 1 and problems[0].startswith("__0_0.distcp")
@@ -76,7 +79,7 @@ def test_corrupted_bytes_of_the_same_size_fail_verification(layout):
 def test_manifest_round_trips_and_refuses_a_future_format(layout):
     save(layout, 5)
     manifest = commit.read_manifest(layout, 5)
-    assert manifest.format_version == FORMAT_VERSION and manifest.hash_algorithm == "crc32"
+    assert manifest.format_version == FORMAT_VERSION and manifest.hash_algorithm == "xxh3_64"
     raw = json.loads(manifest.to_json())
     raw["format_version"] = FORMAT_VERSION + 1
     with pytest.raises(ManifestError, match="newer than this orchestrator reads"):

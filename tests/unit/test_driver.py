@@ -105,9 +105,10 @@ def config_for(layout, **failure):
 
 
 def commit_step(layout, step):
-    layout.storage.write_atomic(b"shard", *layout.step_dir(step), "__0_0.distcp")
-    files = commit.checksum_files(layout, step, ["__0_0.distcp"])
-    commit.write_manifest(layout, Manifest(step=step, world_size=2, parallelism="ddp", files=files))
+    layout.storage.write_atomic(b"shard", *layout.data_dir(step, "save-a"), "__0_0.distcp")
+    files = commit.checksum_files(layout, step, "save-a", ["__0_0.distcp"])
+    commit.write_manifest(layout, Manifest(step=step, world_size=2, parallelism="ddp",
+                                           files=files, data_dir="save-a"))
 
 
 def kinds(driver):
@@ -122,7 +123,7 @@ def test_happy_path_one_transition_at_a_time(layout):
     driver.step()
     assert isinstance(driver.state, Running) and driver.state.attempt == 0
     spec = group.launched[0]
-    assert spec.restore_candidates == [] and spec.attempt == 0
+    assert spec.restore.candidates == [] and spec.attempt == 0
     assert [f.marker for f in spec.faults] == ["kill-rank1-step12"]
 
     driver.step()  # nothing ended yet
@@ -143,7 +144,7 @@ def test_worker_death_recovers_from_the_latest_committed_checkpoint(layout):
     driver = Driver(config_for(layout), group, layout)
 
     driver.step()  # STARTING -> RUNNING
-    assert group.launched[0].restore_candidates == [10, 5]
+    assert group.launched[0].restore.candidates == [10, 5]
     driver.step()  # the death surfaces
     assert driver.state == Recovering(attempt=0, lost=frozenset({1}))
     (failure,) = driver.incidents[0].failures
