@@ -1,4 +1,5 @@
 """`orchestrator run CONFIG.yaml [--address ADDR] [--set section.key=value ...]`
+`orchestrator ckpt ls|show|verify|gc|export|import ...` (ckpt_cli.py)
 
 The entry point is the only place that reads the environment (RAY_ADDRESS).
 Exit codes: 0 the job succeeded, 1 it failed, 2 the configuration or the command was wrong.
@@ -11,7 +12,8 @@ import logging
 import os
 import sys
 
-from orchestrator.errors import ConfigError, StorageError
+from orchestrator import ckpt_cli
+from orchestrator.errors import CheckpointError, ConfigError, StorageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -26,11 +28,16 @@ def main(argv: list[str] | None = None) -> int:
                                        "an embedded local Ray)")
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+    ckpt_cli.add_parser(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    # Our own progress at INFO; libraries (botocore, Ray) only when they warn.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("orchestrator").setLevel(logging.INFO)
     if args.command == "run":
         return _run(args)
+    if args.command == "ckpt":
+        return ckpt_cli.main(args)
     return EXIT_USAGE
 
 
@@ -42,7 +49,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, args.overrides)
         storage = Storage(config.run.storage_url)
-    except (ConfigError, StorageError) as e:
+        preflight(config, RunLayout(storage, config.run.name))
+    except (ConfigError, StorageError, CheckpointError) as e:
         print(f"orchestrator: {e}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -73,3 +81,15 @@ def _run(args: argparse.Namespace) -> int:
           f"lost_steps={s['lost_steps']} goodput={s['goodput']:.2f} wall={s['wall_s']:.1f}s "
           f"final_checkpoint_step={s['final_checkpoint_step']}", file=stream)
     return EXIT_OK if result.succeeded else EXIT_FAILED
+
+
+def preflight(config, layout) -> None:
+    """What can be known wrong before anything starts: storage that cannot be written, and a
+    `checkpoint.restore` the run's checkpoints cannot satisfy. Reads and probes only."""
+    from orchestrator.checkpoint.commit import committed_checkpoints
+    from orchestrator.checkpoint.selection import plan_restore
+
+    layout.storage.check_writable(layout.run_name)
+    candidates, rejected = committed_checkpoints(layout)
+    plan_restore(config.checkpoint, candidates, rejected,
+                 layout.storage.url_of(layout.run_name))

@@ -284,3 +284,35 @@ def retention(rank, world, groups, url, mode):
         committed_after[step] = _committed(url)
     manager.finish()
     return {"events": events, "committed_after": committed_after}
+
+
+def failing_write_in_writer_process(rank, world, groups, url):
+    """async_mode: process; step 3's folder cannot be created (a file stands in its place),
+    so every rank's writer process fails that save. Training goes on; step 6 commits."""
+    import torch.distributed as dist
+
+    layout = RunLayout(Storage(url), RUN)
+    if rank == 0:
+        layout.storage.write_atomic(b"in the way", *layout.step_dir(3))
+    dist.barrier()
+    events: list[dict] = []
+    manager = make_manager(rank, world, groups, url, {"async_mode": "process"}, events)
+    trainer = Trainer(rank, world)
+    for step in range(1, 7):
+        trainer.step(step)
+        if step in (3, 6):
+            manager.save(step, {"train": trainer.state}, {})
+    manager.finish()
+    return {"events": events, "committed": _committed(url)}
+
+
+def restore_imported(rank, world, groups, url):
+    """Restore the run's latest checkpoint (an import) into a fresh trainer."""
+    events: list[dict] = []
+    manager = make_manager(rank, world, groups, url, {}, events)
+    trainer = Trainer(rank, world, seed=123)
+    step = manager.restore({"train": trainer.state}, RestorePlan(candidates=_committed(url)))
+    moments = [float(s["exp_avg"].abs().max()) for s in trainer.optimizer.state.values()]
+    manager.close()
+    return {"step": step, "model": trainer.model_tensors(), "largest_moment": max(moments),
+            "events": events}

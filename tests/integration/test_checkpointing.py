@@ -42,12 +42,8 @@ def test_every_save_mode_commits_exactly_the_state_of_its_step(storage_url, tmp_
             assert_equal_models(model_of(url, step), results[0]["models"][step])
 
 
-@pytest.mark.parametrize("mode", ["thread", "process"])
-def test_background_saves_wait_for_the_slowest_rank_and_report_failures(storage_url, tmp_path,
-                                                                       mode):
-    if mode == "process":
-        pytest.skip("faults are injected into the writer of this process: thread mode only")
-    results = run_gang(sc.async_with_a_slow_and_a_failing_rank, 2, storage_url, mode,
+def test_background_saves_wait_for_the_slowest_rank_and_report_failures(storage_url, tmp_path):
+    results = run_gang(sc.async_with_a_slow_and_a_failing_rank, 2, storage_url, "thread",
                        out_dir=str(tmp_path))
     rank0, rank1 = results
     kinds = [e["kind"] for e in rank0["events"]]
@@ -68,6 +64,15 @@ def test_background_saves_wait_for_the_slowest_rank_and_report_failures(storage_
     for step in (2, 6):
         assert committed_at[step] >= rank1["wrote_at"][step]
     assert_equal_models(model_of(storage_url, 2), rank0["models"][2])
+
+
+def test_a_failed_write_in_the_writer_process_is_an_event_and_training_goes_on(tmp_path):
+    url = str(tmp_path / "storage")
+    result = run_gang(sc.failing_write_in_writer_process, 2, url, out_dir=str(tmp_path))[0]
+    failed = [e for e in result["events"] if e["kind"] == "checkpoint_failed"]
+    assert [e["step"] for e in failed] == [3]
+    assert "writer process" in " ".join(failed[0]["errors"])
+    assert result["committed"] == [6]
 
 
 def test_restore_latest_best_step_partial_strict_corruption_and_overwrite(storage_url, tmp_path):
