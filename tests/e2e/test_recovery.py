@@ -70,8 +70,8 @@ def test_kill_during_save_never_restores_that_step(ray_cluster, tmp_path, uninte
     assert result.succeeded, result.message
     assert [e["from_step"] for e in events_of(layout, "restart")] == [10]
     assert [e["step"] for e in events_of(layout, "checkpoint_restored")] == [10]
-    # Step 15's directory held shards but no manifest: the re-save found it as debris.
-    assert 15 in [e["step"] for e in events_of(layout, "checkpoint_debris_removed")]
+    # Step 15's folder held shards but no manifest: the re-save's commit removed them.
+    assert 15 in [e["step"] for e in events_of(layout, "checkpoint_replaced")]
     committed = [e["step"] for e in events_of(layout, "checkpoint_committed")]
     assert committed.count(15) <= 1  # committed once, by the attempt after the kill
     assert_same_final_state(layout, uninterrupted("ddp"), STEPS)
