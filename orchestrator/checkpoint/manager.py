@@ -139,11 +139,17 @@ class CheckpointManager:
         self._gate = StepGate(self._on_gate_wait)
         self._background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt")
         self._job: _Job | None = None
-        self._writer_process = (SaveProcess(rank=rank, world_size=world_size, host=host,
-                                            timeout_s=timeout_s)
-                                if self._mode == "process" else None)
+        self._writer_process = None
+        if self._mode == "process":
+            self._writer_process = SaveProcess(rank=rank, world_size=world_size, host=host,
+                                               timeout_s=timeout_s)
+            # Started now, in the background (a new Python importing torch takes seconds), so
+            # that it is ready by the first save. Every rank queues it first: the broadcast
+            # of the store port in it pairs up across ranks.
+            self._writer_ready = self._background.submit(
+                self._writer_process.start,
+                lambda port: self._broadcast_int(port, self._save_group))
         self._replaced_later: dict[int, list[int]] = {}
-        self._writer_started = False
         self.stall_s = 0.0
         """Time the training thread spent blocked on checkpoint saves, in total."""
 
@@ -358,10 +364,7 @@ class CheckpointManager:
             writer = hashing_writer(self._layout, step, data_dir)
             dcp.save(state, storage_writer=writer, process_group=group)
             return dict(writer.fs.written)
-        if not self._writer_started:
-            # Every rank starts its writer at the first save, together (a collective).
-            self._writer_started = True
-            self._writer_process.start(lambda port: self._broadcast_int(port, group))
+        self._writer_ready.result()  # raises if the writer process failed to start
         if not self._writer_process.alive:
             raise CheckpointError("the checkpoint writer process is gone")
         reply = self._writer_process.save(SaveRequest(

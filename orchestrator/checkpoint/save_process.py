@@ -92,9 +92,22 @@ class SaveProcess:
                                f"(exit code {self._proc.exitcode})") from None
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies. A worker killed mid-save must not
+    leave a writer behind that goes on writing into a folder the next driver collects."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the pipe's EOF still ends the process after its current save
+
+
 def _child_main(conn: Any, rank: int, world: int, host: str, timeout_s: float) -> None:
     import torch.distributed as dist
 
+    _die_with_parent()
     try:
         store = dist.TCPStore(host, 0, world, is_master=True, wait_for_workers=False,
                               timeout=timedelta(seconds=START_TIMEOUT_S)) if rank == 0 else None
@@ -106,6 +119,11 @@ def _child_main(conn: Any, rank: int, world: int, host: str, timeout_s: float) -
                                   timeout=timedelta(seconds=START_TIMEOUT_S))
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
+        # Imported before saying ready, so that the first save does not pay for them.
+        import torch.distributed.checkpoint  # noqa: F401
+        import torch.distributed.tensor  # noqa: F401
+
+        import orchestrator.checkpoint.writer  # noqa: F401
         conn.send("ready")
     except BaseException as e:  # noqa: BLE001 -- reported to the parent
         conn.send(f"{type(e).__name__}: {e}")
@@ -139,6 +157,9 @@ def _write(request: SaveRequest, world: int) -> SaveReply:
         return SaveReply(written={}, error=describe_error(e))
 
 
+_MESH: list[Any] = []
+
+
 def _rebuild(node: Any, world: int) -> Any:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
@@ -154,7 +175,8 @@ def _rebuild(node: Any, world: int) -> Any:
         if len(node.placements) != 1:
             raise ValueError("async_mode: process supports 1-D device meshes only; "
                              "use async_mode: thread")
-        mesh = init_device_mesh("cpu", (world,))
-        return DTensor.from_local(node.local, mesh, node.placements, run_check=False,
+        if not _MESH:
+            _MESH.append(init_device_mesh("cpu", (world,)))
+        return DTensor.from_local(node.local, _MESH[0], node.placements, run_check=False,
                                   shape=node.shape, stride=node.stride)
     return node

@@ -11,7 +11,7 @@ from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.storage import Storage
 from tests.helpers import flatten
 from tests.integration import ckpt_scenarios as sc
-from tests.integration.gang import run_gang
+from orchestrator.local_gang import run_gang
 
 
 def model_of(url: str, step: int) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from orchestrator.checkpoint.consolidate import load_full_state
 from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.storage import Storage
 from tests.integration import ckpt_scenarios as sc
-from tests.integration.gang import run_gang
+from orchestrator.local_gang import run_gang
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "format_v1" / "v1run"
 

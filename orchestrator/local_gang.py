@@ -1,4 +1,5 @@
-"""Run a function on a gang of real processes joined by real gloo groups (no Ray).
+"""Run a function on a gang of local processes joined by real gloo groups, without Ray:
+for tests and benchmarks of the checkpoint layer.
 
 Each rank gets the three groups a worker has: the default (training) group, the checkpoint
 control group and the background-save group. `run_gang` returns each rank's return value.
