@@ -143,12 +143,16 @@ class CheckpointManager:
         if self._mode == "process":
             self._writer_process = SaveProcess(rank=rank, world_size=world_size, host=host,
                                                timeout_s=timeout_s)
-            # Started now, in the background (a new Python importing torch takes seconds), so
-            # that it is ready by the first save. Every rank queues it first: the broadcast
-            # of the store port in it pairs up across ranks.
-            self._writer_ready = self._background.submit(
+            # Started now, on a thread of its own (a new Python importing torch takes
+            # seconds), so that it is ready by the first save, and so that the first save's
+            # snapshot copy, on the background thread, does not queue behind it. The save
+            # group's first collective (the store port, in start) is over before the first
+            # save uses the group: _write waits for it.
+            starter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-start")
+            self._writer_ready = starter.submit(
                 self._writer_process.start,
                 lambda port: self._broadcast_int(port, self._save_group))
+            starter.shutdown(wait=False)
         self._replaced_later: dict[int, list[int]] = {}
         self.stall_s = 0.0
         """Time the training thread spent blocked on checkpoint saves, in total."""
@@ -275,6 +279,7 @@ class CheckpointManager:
             concurrent.futures.wait([self._job.future], timeout=timeout_s)
         self._background.shutdown(wait=timeout_s is None)
         if self._writer_process is not None:
+            concurrent.futures.wait([self._writer_ready], timeout=timeout_s)
             self._writer_process.close()
 
     def _wait_in_flight(self, next_step: int | None) -> None:

@@ -10,6 +10,9 @@ of the files it wrote, or with the error.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
@@ -93,15 +96,18 @@ class SaveProcess:
 
 
 def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent dies. A worker killed mid-save must not
-    leave a writer behind that goes on writing into a folder the next driver collects."""
-    try:
-        import ctypes
-        import signal
+    """Exit as soon as the parent (the worker) is gone. A worker killed mid-save must not leave
+    a writer behind that goes on writing into a folder the next driver collects.
+    (PR_SET_PDEATHSIG would fire when the parent *thread* that started us ends, not the
+    process, so a watcher thread checks whether we were reparented.)"""
+    parent = os.getppid()
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the pipe's EOF still ends the process after its current save
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _child_main(conn: Any, rank: int, world: int, host: str, timeout_s: float) -> None:

@@ -171,3 +171,29 @@ def test_bad_storage_and_checkpoint_input_is_one_clear_line_and_deletes_nothing(
     assert "newer orchestrator" in out.stderr and "Nothing was changed" in out.stderr
     assert listing(tmp_path / "runs") == before
     assert (tmp_path / "runs" / "v1run" / "checkpoints" / "step_000000006").is_dir()
+
+
+def test_a_job_on_s3_survives_a_kill_and_never_writes_the_credentials(ray_cluster, s3_bucket,
+                                                                      caplog):
+    import ray
+
+    config = make_config(
+        f"{s3_bucket}/runs", "s3run",
+        workload={"entrypoint": "workloads.mlp:train", "args": {"steps": 12}},
+        scaling={"num_workers": 2},
+        checkpoint={"interval_steps": 4, "async_mode": "thread", "keep_last": 1},
+        chaos={"kill": [{"rank": 1, "step": 6}]})
+    with caplog.at_level("DEBUG"):
+        result, layout = run_job(config)
+    assert result.succeeded, result.message
+    assert [e["from_step"] for e in events_of(layout, "restart")] == [4]
+    assert [c.step for c in commit.committed_checkpoints(layout)[0]] == [12]  # keep_last: 1
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    written = [layout.storage.read_bytes(*layout.events), layout.storage.read_bytes(*layout.summary)]
+    assert all(secret.encode() not in blob for blob in written)
+    assert secret not in caplog.text
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    for path in logs.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path

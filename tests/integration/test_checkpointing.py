@@ -129,3 +129,11 @@ def test_retention_keeps_what_any_policy_keeps_and_always_the_latest(storage_url
     deleted = sorted(s for e in result["events"] if e["kind"] == "checkpoint_deleted"
                      for s in e["steps"])
     assert deleted == [1, 2, 5, 6, 7]
+
+
+def test_a_file_url_is_local_storage(tmp_path):
+    url = f"file://{tmp_path}/storage"
+    results = run_gang(sc.train_and_save, 2, url, {}, 3, {3}, out_dir=str(tmp_path))
+    assert (tmp_path / "storage" / sc.RUN / "checkpoints" / "step_000000003" /
+            "manifest.json").exists()
+    assert_equal_models(model_of(url, 3), results[0]["models"][3])
