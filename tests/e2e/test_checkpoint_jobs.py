@@ -179,10 +179,12 @@ def test_a_job_on_s3_survives_a_kill_and_never_writes_the_credentials(ray_cluste
 
     config = make_config(
         f"{s3_bucket}/runs", "s3run",
-        workload={"entrypoint": "workloads.mlp:train", "args": {"steps": 12}},
+        # Slow steps: the background save of step 4 has 1.5 s to land before the kill.
+        workload={"entrypoint": "workloads.mlp:train",
+                  "args": {"steps": 12, "step_time_s": 0.5}},
         scaling={"num_workers": 2},
         checkpoint={"interval_steps": 4, "async_mode": "thread", "keep_last": 1},
-        chaos={"kill": [{"rank": 1, "step": 6}]})
+        chaos={"kill": [{"rank": 1, "step": 7}]})
     with caplog.at_level("DEBUG"):
         result, layout = run_job(config)
     assert result.succeeded, result.message
