@@ -316,3 +316,22 @@ def restore_imported(rank, world, groups, url):
     manager.close()
     return {"step": step, "model": trainer.model_tensors(), "largest_moment": max(moments),
             "events": events}
+
+
+def close_waits_for_the_save_in_flight(rank, world, groups, url):
+    """A failed attempt closes its manager while a save is in flight (rank 1 writes slowly):
+    close() lets that save finish before the attempt ends, up to its timeout."""
+    import torch.distributed as dist
+
+    patch_writer(rank, slow_rank=1, slow_s=1.5)
+    seen = {}
+    for name, step, timeout in [("no_wait", 2, 0.0), ("wait", 4, 30.0)]:
+        manager = make_manager(rank, world, groups, url, {"async_mode": "thread"}, [])
+        trainer = Trainer(rank, world)
+        trainer.step(step)
+        manager.save(step, {"train": trainer.state}, {})
+        manager.close(timeout_s=timeout)  # what a worker does after its attempt failed
+        seen[name] = _committed(url)
+        time.sleep(3)  # let the abandoned save of the first case end before the next
+        dist.barrier()
+    return seen

@@ -66,6 +66,13 @@ def test_background_saves_wait_for_the_slowest_rank_and_report_failures(storage_
     assert_equal_models(model_of(storage_url, 2), rank0["models"][2])
 
 
+def test_a_failed_attempt_lets_its_save_in_flight_finish_before_it_ends(tmp_path):
+    url = str(tmp_path / "storage")
+    seen = run_gang(sc.close_waits_for_the_save_in_flight, 2, url, out_dir=str(tmp_path))[0]
+    assert seen["no_wait"] == []  # a zero timeout returns while rank 1 is still writing
+    assert seen["wait"][0] == 4  # with time to wait, the save committed before close returned
+
+
 def test_a_failed_write_in_the_writer_process_is_an_event_and_training_goes_on(tmp_path):
     url = str(tmp_path / "storage")
     result = run_gang(sc.failing_write_in_writer_process, 2, url, out_dir=str(tmp_path))[0]
