@@ -160,6 +160,11 @@ def restore_matrix(rank, world, groups, url):
     layout = RunLayout(Storage(url), RUN)
     seen: dict[str, Any] = {}
 
+    def finish(manager) -> None:
+        # Rank 0 commits after the others' saves return: read storage only after it did.
+        manager.finish()
+        dist.barrier()
+
     def plan(**cfg):
         candidates, rejected = commit.committed_checkpoints(layout)
         return plan_restore(from_dict(CheckpointConfig, cfg), candidates, rejected, url)
@@ -178,7 +183,7 @@ def restore_matrix(rank, world, groups, url):
         if step % 2 == 0:
             manager.save(step, {"train": trainer.state}, {"loss": {2: 0.5, 4: 0.1, 6: 0.3}[step]})
             saved[step] = trainer.model_tensors()
-    manager.finish()
+    finish(manager)
     seen["saved"] = saved
 
     for name, cfg in [("latest", {}), ("best", {"restore": "best", "best_metric": "loss", "overwrite": True}),
@@ -235,7 +240,7 @@ def restore_matrix(rank, world, groups, url):
     for step in (5, 6):
         trainer.step(step)
     manager.save(6, {"train": trainer.state}, {"loss": 0.3})
-    manager.finish()
+    finish(manager)
     seen["resaved"] = (_committed(url), layout.storage.exists(*layout.invalid_marker(6)))
 
     # A committed step is refused without overwrite, and replaced atomically with it.
@@ -251,7 +256,7 @@ def restore_matrix(rank, world, groups, url):
     events = []
     trainer, manager = fresh({"overwrite": True}, events)
     manager.save(6, {"train": trainer.state}, {"loss": 0.3})
-    manager.finish()
+    finish(manager)
     new_dir = commit.read_manifest(layout, 6).data_dir
     seen["overwritten"] = (old_dir, new_dir, trainer.model_tensors(), committed_model(url, 6),
                            [e.name for e in layout.storage.list_dir(*layout.step_dir(6))],
@@ -263,7 +268,7 @@ def restore_matrix(rank, world, groups, url):
     start = manager.restore({"train": trainer.state}, plan(restore=2, overwrite=True))
     trainer.step(start + 1)
     manager.save(start + 1, {"train": trainer.state}, {"loss": 0.2})
-    manager.finish()
+    finish(manager)
     seen["started_over"] = (start, _committed(url),
                             [e for e in events if e["kind"] == "checkpoint_deleted"])
     return seen

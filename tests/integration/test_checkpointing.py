@@ -9,9 +9,9 @@ import torch
 from orchestrator.checkpoint.consolidate import load_full_state
 from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.storage import Storage
+from orchestrator.local_gang import run_gang
 from tests.helpers import flatten
 from tests.integration import ckpt_scenarios as sc
-from orchestrator.local_gang import run_gang
 
 
 def model_of(url: str, step: int) -> dict[str, torch.Tensor]:

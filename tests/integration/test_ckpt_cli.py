@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from orchestrator.checkpoint import commit
 from orchestrator.checkpoint.consolidate import load_full_state
 from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.storage import Storage
-from tests.integration import ckpt_scenarios as sc
 from orchestrator.local_gang import run_gang
+from tests.integration import ckpt_scenarios as sc
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "format_v1" / "v1run"
 
