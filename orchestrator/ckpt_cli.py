@@ -160,8 +160,10 @@ def _show(layout, args) -> int:
     tensors = {k: {"shape": list(v.size), "dtype": str(v.properties.dtype).removeprefix("torch.")}
                for k, v in sorted(metadata.state_dict_metadata.items())
                if isinstance(v, TensorStorageMetadata)}
+    # The version as written, not as migrated on reading.
+    on_disk = json.loads(layout.storage.read_bytes(*layout.manifest(m.step)))["format_version"]
     info = {"step": m.step, "world_size": m.world_size, "parallelism": m.parallelism,
-            "format_version": m.format_version, "hash_algorithm": m.hash_algorithm,
+            "format_version": on_disk, "hash_algorithm": m.hash_algorithm,
             "data_dir": m.data_dir, "parts": m.parts, "metrics": m.metrics,
             "files": len(m.files), "bytes": m.total_bytes, "created_at": m.created_at,
             "torch_version": m.torch_version, "orchestrator_version": m.orchestrator_version,

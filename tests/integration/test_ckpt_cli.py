@@ -55,6 +55,7 @@ def test_ls_show_verify_gc_on_a_run(storage_url):
 
     shown = json.loads(ckpt("show", run_url, "--json").stdout)
     assert shown["step"] == 4 and shown["tensors"]["train.model.0.weight"]["shape"] == [8, 8]
+    assert shown["format_version"] == 1 and shown["hash_algorithm"] == "crc32"
 
     out = ckpt("verify", run_url)
     assert out.returncode == 0 and "step 2: ok" in out.stdout and "step 4: ok" in out.stdout
