@@ -76,11 +76,15 @@ def bench_rank(rank: int, world: int, groups, mode: str, root: str, layers: int,
     layout = RunLayout(Storage(root), "run")
     events: list[dict] = []
     ours = mode in ("off", "thread", "process")
-    manager = CheckpointManager(
-        layout=layout, rank=rank, world_size=world, parallelism="fsdp", group=groups[0],
-        save_group=groups[1], config=CheckpointConfig(async_mode=mode if ours else "off"),
-        faults=FaultInjector([], rank, layout), emit=lambda kind, **f: events.append(
-            {"kind": kind, **f}))
+
+    def new_manager(async_mode: str) -> CheckpointManager:
+        return CheckpointManager(
+            layout=layout, rank=rank, world_size=world, parallelism="fsdp", group=groups[0],
+            save_group=groups[1], config=CheckpointConfig(async_mode=async_mode),
+            faults=FaultInjector([], rank, layout),
+            emit=lambda kind, **f: events.append({"kind": kind, **f}))
+
+    manager = new_manager(mode if ours else "off")
     step_s, stalls, pending = [], [], None
     for step in range(1, steps + 1):
         before = manager.stall_s
@@ -121,10 +125,7 @@ def bench_rank(rank: int, world: int, groups, mode: str, root: str, layers: int,
                                                  steps - steps % every)
         # Restore the last checkpoint into a fresh model (verify + load), timed.
         model2, optimizer2, state2 = build(rank, world, layers, width)
-        manager2 = CheckpointManager(
-            layout=layout, rank=rank, world_size=world, parallelism="fsdp", group=groups[0],
-            save_group=groups[1], config=CheckpointConfig(), faults=FaultInjector([], rank, layout),
-            emit=lambda kind, **f: events.append({"kind": kind, **f}))
+        manager2 = new_manager("off")
         dist.barrier()
         t0 = time.perf_counter()
         manager2.restore({"train": state2}, RestorePlan(candidates=[steps - steps % every]))

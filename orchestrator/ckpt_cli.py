@@ -130,8 +130,7 @@ def checkpoint_rows(layout) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"step": step, "metrics": {}, "bytes": 0, "age_s": None}
         if not storage.exists(*layout.manifest(step)):
             row["committed"] = "no (debris)"
-            row["bytes"] = _folder_bytes(storage, layout.step_dir(step))
-            mtime = storage.newest_mtime(*layout.step_dir(step))
+            row["bytes"], mtime = storage.tree_stats(*layout.step_dir(step))
             row["age_s"] = None if mtime is None else round(now - mtime, 1)
         else:
             try:
@@ -247,14 +246,6 @@ _ACTIONS = {"ls": _ls, "show": _show, "verify": _verify, "gc": _gc, "export": _e
 
 
 # --- formatting ----------------------------------------------------------------------------
-
-
-def _folder_bytes(storage, parts) -> int:
-    try:
-        return sum(int(i.get("size") or 0) for i in
-                   storage.fs.find(storage.path(*parts), detail=True).values())
-    except FileNotFoundError:
-        return 0
 
 
 def _human_bytes(n: int) -> str:

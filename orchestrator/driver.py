@@ -172,8 +172,7 @@ class Driver:
             if r.step not in self._reported_invalid:
                 self._reported_invalid.add(r.step)
                 self.events.emit("checkpoint_invalid", step=r.step, problems=[r.reason])
-            if not r.future_format and not self._layout.storage.exists(
-                    *self._layout.invalid_marker(r.step)):
+            if not r.future_format and not r.marked_invalid:
                 mark_invalid(self._layout, r.step, [r.reason])
         try:
             plan = plan_restore(self._config.checkpoint, candidates, rejected,

@@ -67,6 +67,8 @@ class Rejected:
     reason: str
     future_format: bool = False
     """The manifest comes from a newer orchestrator: leave it alone, and do not resume."""
+    marked_invalid: bool = False
+    """An earlier restore already marked it invalid (housekeeping.mark_invalid)."""
 
 
 def committed_checkpoints(layout: RunLayout) -> tuple[list[Candidate], list[Rejected]]:
@@ -78,7 +80,9 @@ def committed_checkpoints(layout: RunLayout) -> tuple[list[Candidate], list[Reje
     """
     candidates, rejected = [], []
     for step in reversed(layout.step_dirs()):
-        if not layout.storage.exists(*layout.manifest(step)):
+        # One listing answers "committed?", "marked invalid?" and, for format 1, the sizes.
+        in_step_dir = {e.name: e.size for e in layout.storage.list_dir(*layout.step_dir(step))}
+        if MANIFEST not in in_step_dir:
             continue  # debris of an interrupted save: not a checkpoint at all
         try:
             manifest = read_manifest(layout, step)
@@ -88,12 +92,14 @@ def committed_checkpoints(layout: RunLayout) -> tuple[list[Candidate], list[Reje
         except (ManifestError, OSError) as e:
             rejected.append(Rejected(step, f"manifest unreadable: {e}"))
             continue
-        if layout.storage.exists(*layout.invalid_marker(step)):
+        if INVALID in in_step_dir:
             rejected.append(Rejected(step, "marked invalid by an earlier restore: "
-                                           f"{invalid_reason(layout, step)}"))
+                                           f"{invalid_reason(layout, step)}",
+                                     marked_invalid=True))
             continue
-        listing = {e.name: e.size for e in
-                   layout.storage.list_dir(*layout.data_dir(step, manifest.data_dir))}
+        listing = in_step_dir if not manifest.data_dir else {
+            e.name: e.size for e in
+            layout.storage.list_dir(*layout.data_dir(step, manifest.data_dir))}
         problem = _size_problem(manifest, listing)
         if problem:
             rejected.append(Rejected(step, problem))

@@ -41,9 +41,11 @@ def refuse_save(layout: RunLayout, step: int, overwrite: bool) -> str | None:
 
 
 def later_steps(layout: RunLayout, step: int) -> list[int]:
-    """Committed steps after `step`: what a start-over with overwrite replaces."""
-    candidates, _ = commit.committed_checkpoints(layout)
-    return sorted(c.step for c in candidates if c.step > step)
+    """Committed steps after `step`: what a start-over with overwrite replaces. Called on the
+    training thread before every save with overwrite, so it reads no manifest: one listing,
+    and an existence check for the (normally no) later steps."""
+    return [s for s in layout.step_dirs() if s > step
+            and layout.storage.exists(*layout.manifest(s))]
 
 
 def after_commit(layout: RunLayout, step: int, cfg: CheckpointConfig,
@@ -61,6 +63,8 @@ def after_commit(layout: RunLayout, step: int, cfg: CheckpointConfig,
             commit.delete_checkpoint(layout, later)
         events.append({"kind": "checkpoint_deleted", "steps": list(replaced_later),
                        "reason": f"the run started over at step {step} (overwrite)"})
+    if cfg.keeps_everything:
+        return events  # no policy: nothing to list, nothing to delete
     candidates, _ = commit.committed_checkpoints(layout)
     # Only steps up to this one: a later step may be a save still in flight.
     saved = [retention.Saved(c.step, c.manifest.metrics) for c in candidates if c.step <= step]
@@ -131,7 +135,7 @@ def find_debris(layout: RunLayout, *, min_age_s: float = 0.0,
                 found.append(((*step_dir, entry.name), "a temporary file"))
     debris = []
     for parts, reason in found:
-        mtime = storage.newest_mtime(*parts)
+        _, mtime = storage.tree_stats(*parts)
         age = None if mtime is None else now - mtime
         if age is None or age >= min_age_s:
             debris.append(Debris(parts, reason, age))

@@ -149,14 +149,16 @@ class Storage:
         except FileNotFoundError:
             pass
 
-    def newest_mtime(self, *parts: str) -> float | None:
-        """Newest modification time (epoch seconds) of any file under a folder."""
+    def tree_stats(self, *parts: str) -> tuple[int, float | None]:
+        """Total bytes, and newest modification time (epoch seconds), of the files under a
+        folder: one listing of the whole tree."""
         try:
             found = self.fs.find(self.path(*parts), detail=True)
         except FileNotFoundError:
-            return None
-        times = [_mtime(info) for info in found.values()]
-        return max((t for t in times if t is not None), default=None)
+            return 0, None
+        times = [t for t in map(_mtime, found.values()) if t is not None]
+        return (sum(int(info.get("size") or 0) for info in found.values()),
+                max(times, default=None))
 
     def check_writable(self, *parts: str) -> None:
         """Write and remove a probe file under `parts`, so that a storage that refuses

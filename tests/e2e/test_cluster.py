@@ -45,6 +45,13 @@ def events(layout: RunLayout, kind: str) -> list[dict]:
     return events_of(layout, kind) if layout.storage.exists(*layout.events) else []
 
 
+def node_of_rank1_after_step_10(layout: RunLayout) -> str:
+    """Wait until the run has committed step 10; return the node id hosting rank 1."""
+    poll_until(lambda: any(e["step"] >= 10 for e in events(layout, "checkpoint_committed")),
+               120, "a checkpoint at step 10")
+    return events(layout, "workers_started")[0]["workers"][1]["node_id"]
+
+
 @pytest.fixture(scope="module")
 def reference(ray_cluster, tmp_path_factory):
     config = make_config(str(tmp_path_factory.mktemp("ref")), "ref",
@@ -81,9 +88,7 @@ def test_node_loss_moves_the_lost_rank_to_a_surviving_node(three_node_cluster, t
                           "scaling.placement_strategy=SPREAD", "failure.max_restarts=2")
     layout = RunLayout(Storage(str(tmp_path)), "nodeloss")
     try:
-        poll_until(lambda: any(e["step"] >= 10 for e in events(layout, "checkpoint_committed")),
-                   120, "the first checkpoints")
-        node_of_rank1 = events(layout, "workers_started")[0]["workers"][1]["node_id"]
+        node_of_rank1 = node_of_rank1_after_step_10(layout)
         (victim,) = [n for n in nodes if n.node_id == node_of_rank1]
         cluster.remove_node(victim, allow_graceful=False)
         output, _ = driver.communicate(timeout=300)
@@ -138,9 +143,7 @@ def test_a_node_drain_checkpoints_at_once_and_moves_off_the_node(three_node_clus
                           "scaling.placement_strategy=SPREAD", "checkpoint.interval_steps=10")
     layout = RunLayout(Storage(str(tmp_path)), "drain")
     try:
-        poll_until(lambda: any(e["step"] >= 10 for e in events(layout, "checkpoint_committed")),
-                   120, "the first checkpoint")
-        node_of_rank1 = events(layout, "workers_started")[0]["workers"][1]["node_id"]
+        node_of_rank1 = node_of_rank1_after_step_10(layout)
         subprocess.run(["ray", "drain-node", "--address", cluster.address, "--node-id",
                         node_of_rank1, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
                         "--reason-message", "spot VM reclaimed", "--deadline-remaining-seconds",

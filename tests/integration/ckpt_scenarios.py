@@ -87,8 +87,7 @@ def train_and_save(rank, world, groups, url, cfg, steps, save_at, parallelism="d
 def committed_model(url: str, step: int) -> dict[str, torch.Tensor]:
     from orchestrator.checkpoint.consolidate import load_full_state
 
-    model = load_full_state(RunLayout(Storage(url), RUN), step)["train"]["model"]
-    return {k: v for k, v in model.items()}
+    return load_full_state(RunLayout(Storage(url), RUN), step)["train"]["model"]
 
 
 def _committed(url: str) -> list[int]:

@@ -123,7 +123,7 @@ def test_export_then_import_as_the_initial_weights_of_a_new_run(storage_url, tmp
     assert again.returncode == 1 and "already has checkpoints" in again.stderr
     result = run_gang(sc.restore_imported, 2, storage_url, out_dir=str(tmp_path))[0]
     assert result["step"] == 0 and result["largest_moment"] == 0.0
-    assert {k: v for k, v in result["model"].items()}.keys() == {
+    assert result["model"].keys() == {
         k.removeprefix("module.") for k in weights}
     for k, v in weights.items():
         assert torch.equal(result["model"][k.removeprefix("module.")], v)
