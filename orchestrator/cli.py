@@ -1,5 +1,6 @@
 """`orchestrator run CONFIG.yaml [--address ADDR] [--set section.key=value ...]`
 `orchestrator ckpt ls|show|verify|gc|export|import ...` (ckpt_cli.py)
+`orchestrator data prepare|verify ...` (data_cli.py)
 
 The entry point is the only place that reads the environment (RAY_ADDRESS).
 Exit codes: 0 the job succeeded, 1 it failed, 2 the configuration or the command was wrong.
@@ -12,7 +13,7 @@ import logging
 import os
 import sys
 
-from orchestrator import ckpt_cli
+from orchestrator import ckpt_cli, data_cli
 from orchestrator.errors import CheckpointError, ConfigError, StorageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
     ckpt_cli.add_parser(sub)
+    data_cli.add_parser(sub)
     args = parser.parse_args(argv)
     # Our own progress at INFO; libraries (botocore, Ray) only when they warn.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     if args.command == "ckpt":
         return ckpt_cli.main(args)
+    if args.command == "data":
+        return data_cli.main(args)
     return EXIT_USAGE
 
 
@@ -84,12 +88,39 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def preflight(config, layout) -> None:
-    """What can be known wrong before anything starts: storage that cannot be written, and a
-    `checkpoint.restore` the run's checkpoints cannot satisfy. Reads and probes only."""
+    """What can be known wrong before anything starts: the workload's arguments and data,
+    storage that cannot be written, and a `checkpoint.restore` the run's checkpoints cannot
+    satisfy. Reads and probes only."""
     from orchestrator.checkpoint.commit import committed_checkpoints
     from orchestrator.checkpoint.selection import plan_restore
 
+    check_workload(config.workload)
     layout.storage.check_writable(layout.run_name)
     candidates, rejected = committed_checkpoints(layout)
     plan_restore(config.checkpoint, candidates, rejected,
                  layout.storage.url_of(layout.run_name))
+
+
+def check_workload(workload) -> None:
+    """Import the entrypoint's module, find its function, and run the module's own
+    `preflight(args)` if it has one (it validates the arguments, and the data they name).
+    Its ValueErrors become a ConfigError: one line, exit 2."""
+    import importlib
+
+    module_name, _, func = workload.entrypoint.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 -- whatever the import raised, say so in one line
+        reason = " ".join(str(e).split())[:300]
+        raise ConfigError(f"workload.entrypoint: importing {module_name!r} failed: "
+                          f"{type(e).__name__}: {reason}") from e
+    if not callable(getattr(module, func, None)):
+        raise ConfigError(f"workload.entrypoint: module {module_name!r} has no function "
+                          f"{func!r}")
+    check = getattr(module, "preflight", None)
+    if check is None:
+        return
+    try:
+        check(dict(workload.args))
+    except ValueError as e:
+        raise ConfigError(" ".join(str(e).split())) from e

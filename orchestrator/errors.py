@@ -23,6 +23,15 @@ class CheckpointError(OrchestratorError):
     """A checkpoint cannot be written or restored (already committed step, no valid checkpoint)."""
 
 
+class DatasetError(OrchestratorError, ValueError):
+    """The training data cannot be used as it is: a shard missing or unreadable, a schema or
+    a checksum that differs from the dataset's manifest, a resume on other data.
+
+    Found before training starts where it can be (the CLI's preflight: exit 2, one line
+    naming the file), else raised in the worker that read the file.
+    """
+
+
 class PlacementError(OrchestratorError):
     """The cluster cannot place the worker gang within `scaling.placement_timeout_s`."""
 

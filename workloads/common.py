@@ -77,14 +77,17 @@ def global_mean(value: torch.Tensor) -> float:
 
 
 def train_loop(ctx: TrainContext, state: TrainState, steps: int,
-               step_fn: Callable[[int], float], samples_per_step: int) -> None:
+               step_fn: Callable[[int], float], samples_per_step: int,
+               extra_state: dict[str, Any] | None = None) -> None:
     """Restore, then run `step_fn(step) -> loss` for each remaining step, reporting every step
-    and checkpointing when due and at the last step."""
-    start = ctx.restore({"train": state})
+    and checkpointing when due and at the last step. `extra_state` (e.g. a data source) is
+    saved and restored beside the training state."""
+    checkpointed = {"train": state, **(extra_state or {})}
+    start = ctx.restore(checkpointed)
     for step in range(start + 1, steps + 1):
         loss = step_fn(step)
         state.step = step
         state.data_position += samples_per_step
         ctx.report(step, loss=loss)
         if ctx.checkpoint_due(step) or step == steps:
-            ctx.save_checkpoint(step, {"train": state}, metrics={"loss": loss})
+            ctx.save_checkpoint(step, checkpointed, metrics={"loss": loss})

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from orchestrator.data.order import rank_slice
+
 
 def sample_tokens(seed: int, index: int, seq_len: int, vocab_size: int) -> torch.Tensor:
     """One sequence of seq_len+1 tokens: an arithmetic progression mod vocab with 10% noise,
@@ -19,15 +21,6 @@ def sample_tokens(seed: int, index: int, seq_len: int, vocab_size: int) -> torch
     seq = (start + stride * torch.arange(seq_len + 1)) % vocab_size
     noise = torch.rand(seq_len + 1, generator=g) < 0.1
     return torch.where(noise, torch.randint(vocab_size, (seq_len + 1,), generator=g), seq)
-
-
-def rank_slice(position: int, global_batch: int, rank: int, world_size: int) -> range:
-    if global_batch % world_size:
-        raise ValueError(f"workload.args.batch_size={global_batch} (the global batch) must be "
-                         f"divisible by the number of workers, {world_size}")
-    per_rank = global_batch // world_size
-    first = position + rank * per_rank
-    return range(first, first + per_rank)
 
 
 def token_batch(seed: int, position: int, global_batch: int, rank: int, world_size: int,

@@ -1,10 +1,14 @@
-"""A small GPT-style language model trained on synthetic token streams.
+"""A small GPT-style language model, trained on synthetic token streams or on a prepared
+Parquet token dataset (`orchestrator data prepare`).
 
     workload: {entrypoint: "workloads.gpt:train", args: {steps: 40, parallelism: fsdp}}
+    workload: {entrypoint: "workloads.gpt:train", args: {data: ./corpus, vocab_size: 257}}
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from orchestrator.context import TrainContext, TrainState
+from orchestrator.data import TokenDataset, TokenSource
+from orchestrator.errors import ConfigError, DatasetError
 from workloads.activation_checkpointing import ACMode, apply_activation_checkpointing
 from workloads.common import global_mean, parse_args, seed_everything, train_loop, warmup_cosine, wrap_for_parallelism
 from workloads.data import token_batch
@@ -35,11 +41,28 @@ class GPTArgs:
     activation_checkpointing: str | dict = "none"
     """'none', 'full', 'every_n:N' and 'selective[:attention,matmul]': see
     workloads/activation_checkpointing.py."""
+    data: str = ""
+    """A prepared token dataset (local path, file:// or s3:// URL); empty: synthetic tokens."""
+    data_check: str = "checksum"
+    """Before the job starts: 'checksum' reads every shard once against dataset.json;
+    'size' checks sizes and Parquet footers only (for datasets too large to read at start)."""
+    data_prefetch: int = 2
+    """Batches read ahead in a background thread; 0 reads each batch when the step needs it."""
+    data_trace: str = ""
+    """A local folder: each rank appends the sample ids of every step to rank<R>.jsonl there
+    (to check or debug the data order)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "n_layer", "n_embd", "n_head", "seq_len", "batch_size", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"workload.args.{name} must be >= 1")
+        if self.data_check not in ("checksum", "size"):
+            raise ValueError(f"workload.args.data_check: {self.data_check!r}; use 'checksum' "
+                             "or 'size'")
+        if self.data_prefetch < 0:
+            raise ValueError("workload.args.data_prefetch must be >= 0")
+        if self.data_trace and not self.data:
+            raise ValueError("workload.args.data_trace needs workload.args.data")
         if self.n_embd % self.n_head:
             raise ValueError(f"workload.args.n_embd={self.n_embd} must be divisible by "
                              f"n_head={self.n_head}")
@@ -110,13 +133,49 @@ def build(a: GPTArgs, device: torch.device) -> tuple[nn.Module, TrainState]:
     return model, TrainState(model, optimizer, warmup_cosine(optimizer, a.steps))
 
 
+def open_data(a: GPTArgs, rank: int, world_size: int) -> TokenSource:
+    try:
+        dataset = TokenDataset(a.data)
+    except DatasetError as e:
+        raise ConfigError(f"workload.args.data: {e}") from e
+    return TokenSource(dataset, seq_len=a.seq_len, global_batch=a.batch_size, rank=rank,
+                       world_size=world_size, seed=a.seed, prefetch=a.data_prefetch,
+                       vocab_size=a.vocab_size)
+
+
+def preflight(args: dict) -> None:
+    """Called by `orchestrator run` before Ray starts: bad arguments and bad data are exit 2
+    and one line, not a crash loop inside the workers."""
+    a = parse_args(GPTArgs, args)
+    if a.data:
+        source = open_data(a, rank=0, world_size=1)
+        try:
+            source.dataset.check(checksums=a.data_check == "checksum")
+        except DatasetError as e:
+            raise ConfigError(f"workload.args.data: {e}") from e
+        source.close()
+
+
 def train(ctx: TrainContext) -> None:
     a = parse_args(GPTArgs, ctx.args)
     model, state = build(a, ctx.device)
+    source = open_data(a, ctx.rank, ctx.world_size) if a.data else None
+    trace = (os.path.join(a.data_trace, f"rank{ctx.rank}.jsonl") if a.data_trace else None)
+
+    def next_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if source is None:
+            return token_batch(a.seed, state.data_position, a.batch_size, ctx.rank,
+                               ctx.world_size, a.seq_len, a.vocab_size)
+        batch = source.next_batch()
+        if trace:
+            with open(trace, "a") as f:
+                f.write(json.dumps({"attempt": ctx.attempt, "step": step,
+                                    "position": batch.position,
+                                    "samples": list(batch.sample_ids)}) + "\n")
+        return batch.inputs, batch.targets
 
     def step_fn(step: int) -> float:
-        x, y = token_batch(a.seed, state.data_position, a.batch_size, ctx.rank,
-                           ctx.world_size, a.seq_len, a.vocab_size)
+        x, y = next_batch(step)
         loss = model(x.to(ctx.device), y.to(ctx.device))
         loss.backward()
         state.optimizer.step()
@@ -124,4 +183,9 @@ def train(ctx: TrainContext) -> None:
         state.scheduler.step()
         return global_mean(loss)
 
-    train_loop(ctx, state, a.steps, step_fn, samples_per_step=a.batch_size)
+    try:
+        train_loop(ctx, state, a.steps, step_fn, samples_per_step=a.batch_size,
+                   extra_state={"data": source} if source is not None else None)
+    finally:
+        if source is not None:
+            source.close()

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from orchestrator.context import TrainContext, TrainState
-from workloads.data import rank_slice
+from orchestrator.data.order import rank_slice
 from workloads.common import global_mean, parse_args, seed_everything, train_loop, warmup_cosine, wrap_for_parallelism
 
 

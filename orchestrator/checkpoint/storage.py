@@ -41,13 +41,15 @@ def is_transient(error: BaseException) -> bool:
 
 
 def with_retries(op: Callable[[], T], what: str, *, attempts: int = RETRY_ATTEMPTS,
-                 initial_s: float = RETRY_INITIAL_S, sleep: Callable[[float], Any] = time.sleep) -> T:
-    """Run `op`, retrying transient errors with exponential backoff (0.2, 0.4, 0.8 s, ...)."""
+                 initial_s: float = RETRY_INITIAL_S, sleep: Callable[[float], Any] = time.sleep,
+                 retryable: Callable[[BaseException], bool] = is_transient) -> T:
+    """Run `op`, retrying the errors `retryable` accepts with exponential backoff (0.2, 0.4,
+    0.8 s, ...)."""
     for attempt in range(1, attempts + 1):
         try:
             return op()
-        except Exception as e:  # noqa: BLE001 -- filtered by is_transient
-            if attempt == attempts or not is_transient(e):
+        except Exception as e:  # noqa: BLE001 -- filtered by retryable
+            if attempt == attempts or not retryable(e):
                 raise
             delay = initial_s * 2 ** (attempt - 1)
             # The error's type and errno only: messages from botocore can quote request
