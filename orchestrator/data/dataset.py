@@ -37,14 +37,17 @@ _HASH_BLOCK = 8 << 20
 
 
 def _retryable(error: BaseException) -> bool:
-    """Whether a failed read is worth another try: anything but an answer about the data
-    (missing, forbidden, or read whole and wrong)."""
+    """Whether a failed read is worth another try: a failure of the read itself, not an
+    answer about the data (missing, forbidden, or read whole and wrong)."""
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, DatasetError,
                           pa.ArrowInvalid)):
         return False
-    if isinstance(error, OSError) and "checksum" in str(error).lower():
-        return False  # Parquet's page CRC: the bytes arrived and are wrong
-    return isinstance(error, (OSError, TimeoutError, ConnectionError))
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    # A failed read carries an errno (EIO, ECONNRESET; s3fs turns S3 errors it cannot name
+    # into EIO). Arrow's own complaints about bytes it did read -- a page CRC, a footer it
+    # cannot parse -- carry none: the bytes are wrong, and reading them again will not help.
+    return isinstance(error, OSError) and error.errno is not None
 
 
 def _reason(e: BaseException) -> str:
