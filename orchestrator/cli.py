@@ -53,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, args.overrides)
         storage = Storage(config.run.storage_url)
-        preflight(config, RunLayout(storage, config.run.name))
+        config = preflight(config, RunLayout(storage, config.run.name))
     except (ConfigError, StorageError, CheckpointError) as e:
         print(f"orchestrator: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -87,24 +87,32 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK if result.succeeded else EXIT_FAILED
 
 
-def preflight(config, layout) -> None:
+def preflight(config, layout):
     """What can be known wrong before anything starts: the workload's arguments and data,
     storage that cannot be written, and a `checkpoint.restore` the run's checkpoints cannot
-    satisfy. Reads and probes only."""
+    satisfy. Reads and probes only. Returns the config with the workload's arguments as its
+    preflight normalised them."""
+    import dataclasses
+
     from orchestrator.checkpoint.commit import committed_checkpoints
     from orchestrator.checkpoint.selection import plan_restore
 
-    check_workload(config.workload)
+    config = dataclasses.replace(config, workload=check_workload(config.workload))
     layout.storage.check_writable(layout.run_name)
     candidates, rejected = committed_checkpoints(layout)
     plan_restore(config.checkpoint, candidates, rejected,
                  layout.storage.url_of(layout.run_name))
+    return config
 
 
-def check_workload(workload) -> None:
+def check_workload(workload):
     """Import the entrypoint's module, find its function, and run the module's own
-    `preflight(args)` if it has one (it validates the arguments, and the data they name).
-    Its ValueErrors become a ConfigError: one line, exit 2."""
+    `preflight(args)` if it has one: it validates the arguments and the data they name, and
+    may return them normalised (a relative data path made absolute, so that workers with
+    another working directory agree on it). Its ValueErrors become a ConfigError: one line,
+    exit 2. Returns the workload config to run."""
+    import dataclasses
+
     import importlib
 
     module_name, _, func = workload.entrypoint.partition(":")
@@ -119,8 +127,9 @@ def check_workload(workload) -> None:
                           f"{func!r}")
     check = getattr(module, "preflight", None)
     if check is None:
-        return
+        return workload
     try:
-        check(dict(workload.args))
+        args = check(dict(workload.args))
     except ValueError as e:
         raise ConfigError(" ".join(str(e).split())) from e
+    return workload if args is None else dataclasses.replace(workload, args=args)

@@ -143,17 +143,23 @@ def open_data(a: GPTArgs, rank: int, world_size: int) -> TokenSource:
                        vocab_size=a.vocab_size)
 
 
-def preflight(args: dict) -> None:
+def preflight(args: dict) -> dict:
     """Called by `orchestrator run` before Ray starts: bad arguments and bad data are exit 2
-    and one line, not a crash loop inside the workers."""
+    and one line, not a crash loop inside the workers. Returns the arguments with a relative
+    data path made absolute (workers may run in another directory)."""
     a = parse_args(GPTArgs, args)
-    if a.data:
-        source = open_data(a, rank=0, world_size=1)
-        try:
-            source.dataset.check(checksums=a.data_check == "checksum")
-        except DatasetError as e:
-            raise ConfigError(f"workload.args.data: {e}") from e
+    if not a.data:
+        return args
+    source = open_data(a, rank=0, world_size=1)
+    try:
+        source.dataset.check(checksums=a.data_check == "checksum")
+    except DatasetError as e:
+        raise ConfigError(f"workload.args.data: {e}") from e
+    finally:
         source.close()
+    if "://" not in a.data:
+        args = {**args, "data": os.path.abspath(os.path.expanduser(a.data))}
+    return args
 
 
 def train(ctx: TrainContext) -> None:
