@@ -50,6 +50,12 @@ def _run(args: argparse.Namespace) -> int:
     from orchestrator.checkpoint.storage import Storage
     from orchestrator.config import load_config
 
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # An embedded cluster serves this machine only: keep Ray on loopback (otherwise it
+        # binds the machine's external address). Ray reads this when it is imported, which
+        # may be as early as the preflight's import of the workload.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         config = load_config(args.config, args.overrides)
         storage = Storage(config.run.storage_url)
@@ -58,11 +64,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"orchestrator: {e}", file=sys.stderr)
         return EXIT_USAGE
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        # An embedded cluster serves this machine only: keep Ray on loopback (otherwise it
-        # binds the machine's external address). Ray reads this when it is imported.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     from orchestrator.driver import Driver

@@ -50,6 +50,13 @@ def _retryable(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno is not None
 
 
+def _close(pf: pq.ParquetFile) -> None:
+    try:
+        pf.close()
+    except Exception:  # noqa: BLE001 -- closing a reader of a file that broke: nothing to do
+        pass
+
+
 def _reason(e: BaseException) -> str:
     text = getattr(e, "strerror", None) or str(e) or type(e).__name__
     return text.splitlines()[0][:200]
@@ -133,9 +140,14 @@ class TokenDataset:
     def _retry_noted(self, error: BaseException) -> bool:
         if _retryable(error):
             self.retries += 1
-            self._open.clear()  # the handle may be what broke: reopen on the next try
+            self.close()  # the handle may be what broke: reopen on the next try
             return True
         return False
+
+    def close(self) -> None:
+        """Close the shard files held open (they are reopened when next read)."""
+        while self._open:
+            _close(self._open.popitem()[1])
 
     def _read_once(self, ref: RowGroupRef, info: ShardInfo) -> np.ndarray:
         pf = self._parquet(ref.shard)
@@ -160,10 +172,17 @@ class TokenDataset:
             f.close()
             raise DatasetError(f"shard {self.shard_url(shard)} is not a Parquet file: "
                                f"{_reason(e)}") from e
-        self._check_layout(pf, shard)
+        except BaseException:
+            f.close()
+            raise
+        try:
+            self._check_layout(pf, shard)
+        except BaseException:
+            _close(pf)
+            raise
         self._open[shard] = pf
         while len(self._open) > _OPEN_SHARDS:
-            self._open.popitem(last=False)
+            _close(self._open.popitem(last=False)[1])
         return pf
 
     def _check_layout(self, pf: pq.ParquetFile, shard: int) -> None:
@@ -225,7 +244,6 @@ class TokenDataset:
                     raise DatasetError(f"shard {url}: checksum {digest} differs from "
                                        f"{MANIFEST_NAME}'s {info.xxh3_64}")
             try:
-                self._open.pop(i, None)
                 self._parquet(i)
             except DatasetError:
                 raise
@@ -234,7 +252,7 @@ class TokenDataset:
                                    f"({type(e).__name__})") from e
             if progress is not None:
                 progress(i + 1, len(self.manifest.shards), info.name)
-        self._open.clear()
+        self.close()
 
     def _hash(self, path: str) -> str:
         h = xxhash.xxh3_64()

@@ -134,11 +134,12 @@ class TokenSource(Stateful):
         return rows
 
     def close(self) -> None:
+        """Stop reading ahead and close the shard files. Waits for a read in progress, so
+        that no thread touches the dataset afterwards."""
         if self._pool is not None:
-            for future in self._pending.values():
-                future.cancel()
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pending.clear()
+        self.dataset.close()
 
     # --- checkpointing ----------------------------------------------------------------------
 
