@@ -181,12 +181,17 @@ def _show(layout, args) -> int:
 
 def _verify(layout, args) -> int:
     from orchestrator.checkpoint import commit
+    from orchestrator.checkpoint.consolidate import unsafe_content
 
     bad = 0
     for candidate in reversed(_committed(layout, args.step)):
         t0 = time.monotonic()
         m = candidate.manifest
-        problems = commit.verify_files(layout, m, sorted(m.files))
+        problems = commit.verify_files(layout, m, sorted(m.files)).problems
+        if not problems:
+            # Checksums catch accidents; whoever can write the storage can rewrite them too.
+            refused = unsafe_content(layout, m.step, m.data_dir)
+            problems = [f"refused: {refused}"] if refused else []
         took = time.monotonic() - t0
         if problems:
             bad += 1

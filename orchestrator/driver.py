@@ -169,10 +169,13 @@ class Driver:
             self._collect_garbage()
         candidates, rejected = committed_checkpoints(self._layout)
         for r in rejected:
+            if r.unreadable:  # a failed read proves nothing: said, never marked
+                self.events.emit("checkpoint_unreadable", step=r.step, problems=[r.reason])
+                continue
             if r.step not in self._reported_invalid:
                 self._reported_invalid.add(r.step)
                 self.events.emit("checkpoint_invalid", step=r.step, problems=[r.reason])
-            if not r.future_format and not r.marked_invalid:
+            if r.proven_bad:
                 mark_invalid(self._layout, r.step, [r.reason])
         try:
             plan = plan_restore(self._config.checkpoint, candidates, rejected,
@@ -222,8 +225,9 @@ class Driver:
 
     def _collect_garbage(self) -> None:
         """Debris of interrupted saves goes at job start, when no save can be in flight: the
-        previous driver's workers are gone (they die with it)."""
-        debris = find_debris(self._layout)
+        previous driver's workers are gone (they die with it). Checkpoints marked invalid
+        stay, for inspection: only `orchestrator ckpt gc` removes them."""
+        debris = find_debris(self._layout, include_invalid=False)
         if debris:
             remove_debris(self._layout, debris)
             self.events.emit("checkpoint_debris_removed",

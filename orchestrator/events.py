@@ -8,11 +8,28 @@ small: events are per attempt and per checkpoint, never per step).
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.checkpoint.layout import RunLayout
+
+
+_SECRET_KEY = re.compile(r"key|secret|token|password", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redact(value: Any) -> Any:
+    """`value` with whatever sits under a key that looks secret (api_key, aws_secret,
+    hf_token, db_password, ...) replaced: config values and event fields are written to
+    storage and logs that more people can read than the job's credentials."""
+    if isinstance(value, dict):
+        return {k: REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) else redact(v)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    return value
 
 
 class EventLog:
@@ -28,7 +45,7 @@ class EventLog:
             storage.makedirs(layout.run_name)
 
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
-        event = {"time": round(self._clock(), 3), "kind": kind, **fields}
+        event = {"time": round(self._clock(), 3), "kind": kind, **redact(fields)}
         line = json.dumps(event, default=str)
         self._lines.append(line)
         storage = self._layout.storage

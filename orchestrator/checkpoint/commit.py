@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from orchestrator.checkpoint.storage import with_retries
 from orchestrator.checkpoint.layout import INVALID, MANIFEST, SAVE_DIR_PREFIX, RunLayout
 from orchestrator.checkpoint.manifest import (
     HASH_ALGORITHM, FileEntry, FutureFormatError, Manifest, ManifestError, checksum_stream,
@@ -69,6 +70,28 @@ class Rejected:
     """The manifest comes from a newer orchestrator: leave it alone, and do not resume."""
     marked_invalid: bool = False
     """An earlier restore already marked it invalid (housekeeping.mark_invalid)."""
+    unreadable: bool = False
+    """Reading it failed (EIO, a timeout, a 503, a permission error): that proves nothing
+    about it. Skipped for now, never marked invalid; a later look may find it good."""
+
+    @property
+    def proven_bad(self) -> bool:
+        """Whether a completed read showed its content wrong (the one reason to mark it)."""
+        return not (self.future_format or self.marked_invalid or self.unreadable)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What checksumming some files of a checkpoint found."""
+
+    mismatched: list[str]
+    """Files read whole whose size or checksum differs from the manifest: proof."""
+    unreadable: list[str]
+    """Files that could not be read, after retries: no proof of anything."""
+
+    @property
+    def problems(self) -> list[str]:
+        return self.mismatched + self.unreadable
 
 
 def committed_checkpoints(layout: RunLayout) -> tuple[list[Candidate], list[Rejected]]:
@@ -81,7 +104,12 @@ def committed_checkpoints(layout: RunLayout) -> tuple[list[Candidate], list[Reje
     candidates, rejected = [], []
     for step in reversed(layout.step_dirs()):
         # One listing answers "committed?", "marked invalid?" and, for format 1, the sizes.
-        in_step_dir = {e.name: e.size for e in layout.storage.list_dir(*layout.step_dir(step))}
+        try:
+            in_step_dir = {e.name: e.size
+                           for e in layout.storage.list_dir(*layout.step_dir(step))}
+        except OSError as e:
+            rejected.append(Rejected(step, f"cannot be listed: {_reason(e)}", unreadable=True))
+            continue
         if MANIFEST not in in_step_dir:
             continue  # debris of an interrupted save: not a checkpoint at all
         try:
@@ -89,17 +117,25 @@ def committed_checkpoints(layout: RunLayout) -> tuple[list[Candidate], list[Reje
         except FutureFormatError as e:
             rejected.append(Rejected(step, str(e), future_format=True))
             continue
-        except (ManifestError, OSError) as e:
-            rejected.append(Rejected(step, f"manifest unreadable: {e}"))
+        except ManifestError as e:  # read whole, and not a manifest: proof
+            rejected.append(Rejected(step, f"manifest malformed: {e}"))
+            continue
+        except OSError as e:  # the read failed (after retries): proves nothing
+            rejected.append(Rejected(step, f"manifest cannot be read now: {_reason(e)}",
+                                     unreadable=True))
             continue
         if INVALID in in_step_dir:
             rejected.append(Rejected(step, "marked invalid by an earlier restore: "
                                            f"{invalid_reason(layout, step)}",
                                      marked_invalid=True))
             continue
-        listing = in_step_dir if not manifest.data_dir else {
-            e.name: e.size for e in
-            layout.storage.list_dir(*layout.data_dir(step, manifest.data_dir))}
+        try:
+            listing = in_step_dir if not manifest.data_dir else {
+                e.name: e.size for e in
+                layout.storage.list_dir(*layout.data_dir(step, manifest.data_dir))}
+        except OSError as e:
+            rejected.append(Rejected(step, f"cannot be listed: {_reason(e)}", unreadable=True))
+            continue
         problem = _size_problem(manifest, listing)
         if problem:
             rejected.append(Rejected(step, problem))
@@ -117,21 +153,29 @@ def _size_problem(manifest: Manifest, listing: dict[str, int]) -> str | None:
     return None
 
 
-def verify_files(layout: RunLayout, manifest: Manifest, names: list[str]) -> list[str]:
-    """Checksum `names` against the manifest; return one line per file that does not match."""
-    problems = []
+def verify_files(layout: RunLayout, manifest: Manifest, names: list[str]) -> Verification:
+    """Checksum `names` against the manifest (each file read whole, retried on transient
+    errors): the files that do not match, and those that could not be read."""
+    mismatched, unreadable = [], []
     for name in names:
         want = manifest.files[name]
         try:
-            got = checksum_files(layout, manifest.step, manifest.data_dir, [name],
-                                 manifest.hash_algorithm)[name]
+            got = with_retries(
+                lambda: checksum_files(layout, manifest.step, manifest.data_dir, [name],
+                                       manifest.hash_algorithm)[name], f"checksum {name}")
         except OSError as e:
-            problems.append(f"{name}: unreadable: {e}")
+            unreadable.append(f"{name}: cannot be read now: {_reason(e)}")
             continue
         if got != want:
-            problems.append(f"{name}: size {got.size} checksum {got.checksum}, "
-                            f"manifest says size {want.size} checksum {want.checksum}")
-    return problems
+            mismatched.append(f"{name}: size {got.size} checksum {got.checksum}, "
+                              f"manifest says size {want.size} checksum {want.checksum}")
+    return Verification(mismatched, unreadable)
+
+
+def _reason(e: BaseException) -> str:
+    """The error's type and errno or short message: never a botocore message in full."""
+    detail = getattr(e, "strerror", None) or str(e)[:120]
+    return f"{type(e).__name__} ({detail})"
 
 
 def invalid_reason(layout: RunLayout, step: int) -> str:

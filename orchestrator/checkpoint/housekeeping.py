@@ -105,30 +105,36 @@ class Debris:
     age_s: float | None
 
 
-def find_debris(layout: RunLayout, *, min_age_s: float = 0.0,
-                now: float | None = None) -> list[Debris]:
+def find_debris(layout: RunLayout, *, min_age_s: float = 0.0, now: float | None = None,
+                include_invalid: bool = True) -> list[Debris]:
     """What gc may remove: step folders without a manifest (interrupted saves), save folders
-    their manifest does not name (an interrupted overwrite), and checkpoints marked invalid.
+    their manifest does not name (an interrupted overwrite), and (`include_invalid`)
+    checkpoints marked invalid, which only `orchestrator ckpt gc` removes: the driver keeps
+    them for inspection.
 
     A folder changed less than `min_age_s` ago is left alone: it may be a save in flight of a
-    job still running. Steps whose manifest this orchestrator cannot read are never touched.
+    job still running. Steps this orchestrator cannot read (a newer format, or a read that
+    failed) are never touched.
     """
     storage = layout.storage
     now = time.time() if now is None else now
     found = []
     for step in layout.step_dirs():
         step_dir = layout.step_dir(step)
-        if not storage.exists(*layout.manifest(step)):
-            found.append((step_dir, "no manifest: an interrupted save"))
-            continue
         try:
+            if not storage.exists(*layout.manifest(step)):
+                found.append((step_dir, "no manifest: an interrupted save"))
+                continue
             manifest = commit.read_manifest(layout, step)
-        except ManifestError:
-            continue
-        if storage.exists(*layout.invalid_marker(step)):
-            found.append((step_dir, f"marked invalid: {commit.invalid_reason(layout, step)}"))
-            continue
-        for entry in storage.list_dir(*step_dir):
+            if storage.exists(*layout.invalid_marker(step)):
+                if include_invalid:
+                    found.append((step_dir,
+                                  f"marked invalid: {commit.invalid_reason(layout, step)}"))
+                continue
+            entries = storage.list_dir(*step_dir)
+        except (ManifestError, OSError):
+            continue  # what cannot be read is never deleted
+        for entry in entries:
             if entry.name.startswith(SAVE_DIR_PREFIX) and entry.name != manifest.data_dir:
                 found.append(((*step_dir, entry.name), "a save folder the manifest does not name"))
             elif entry.name.startswith(".tmp-"):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import pickle
 import random
 import time
 import uuid
@@ -37,9 +36,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-from torch.distributed.checkpoint.default_planner import (
-    DefaultLoadPlanner, create_default_local_load_plan,
-)
+from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -48,6 +45,7 @@ from orchestrator.chaos import FaultInjector
 from orchestrator.checkpoint import commit, housekeeping
 from orchestrator.checkpoint.layout import SAVE_DIR_PREFIX, RunLayout
 from orchestrator.checkpoint.manifest import FileEntry, Manifest, ManifestError
+from orchestrator.checkpoint.safe_load import SafeLoadPlanner, is_refusal, legacy_rng_state
 from orchestrator.checkpoint.selection import RestorePlan
 from orchestrator.checkpoint.save_process import SaveProcess, SaveRequest
 from orchestrator.checkpoint.snapshot import Snapshot, Snapshotter, StepGate, optimizers_in, plain_state
@@ -65,30 +63,51 @@ class RankRng(Stateful):
     """This rank's RNG states, saved under a rank-unique key.
 
     DCP treats a key present on every rank as replicated and keeps one copy, which would
-    silently give every rank rank 0's RNG on resume.
+    silently give every rank rank 0's RNG on resume. Every state is a tensor: nothing from
+    a checkpoint is unpickled (checkpoint/safe_load.py). `legacy=True` reads the pickled
+    `python_numpy` bytes of format-1/2 checkpoints, through an allow-list.
     """
 
+    def __init__(self, legacy: bool = False) -> None:
+        self._legacy = legacy
+
     def state_dict(self) -> dict[str, Any]:
-        state = {
-            "torch": torch.get_rng_state(),
-            # Python's and numpy's states are nested tuples; pickled bytes keep DCP from
-            # flattening them into dozens of entries.
-            "python_numpy": pickle.dumps((random.getstate(), np.random.get_state())),
-        }
+        state: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if self._legacy:
+            state["python_numpy"] = b""  # a placeholder DCP fills with the saved bytes
+        else:
+            version, internal, gauss = random.getstate()
+            kind, key, pos, has_gauss, cached = np.random.get_state()
+            assert kind == "MT19937", kind
+            state.update({
+                "python": torch.tensor([version, *internal], dtype=torch.int64),
+                "python_gauss": torch.tensor([gauss is not None, gauss or 0.0],
+                                             dtype=torch.float64),
+                "numpy": torch.from_numpy(np.append(key.astype(np.int64), [pos, has_gauss])),
+                "numpy_gauss": torch.tensor(cached, dtype=torch.float64),
+            })
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch"])
-        py_state, np_state = pickle.loads(state["python_numpy"])
+        if "python_numpy" in state:
+            py_state, np_state = legacy_rng_state(state["python_numpy"])
+        else:
+            version, *internal = (int(v) for v in state["python"].tolist())
+            has_gauss, gauss = state["python_gauss"].tolist()
+            py_state = (version, tuple(internal), gauss if has_gauss else None)
+            words = state["numpy"].numpy()
+            np_state = ("MT19937", words[:-2].astype(np.uint32), int(words[-2]),
+                        int(words[-1]), float(state["numpy_gauss"]))
         random.setstate(py_state)
         np.random.set_state(np_state)
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])
 
 
-class _PartialLoadPlanner(DefaultLoadPlanner):
+class _PartialLoadPlanner(SafeLoadPlanner):
     """Loads only the keys `keep` accepts that the checkpoint has; the rest of the state keeps
     its current values."""
 
@@ -163,18 +182,31 @@ class CheckpointManager:
         """Load the first candidate whose files verify; return its step, or 0 if none.
 
         A candidate that fails verification is skipped loudly (an event names the file, and
-        the checkpoint is marked invalid) and the next one is tried.
+        the checkpoint is marked invalid) and the next one is tried; so is one that holds
+        something other than tensors and plain data (`checkpoint_refused`: never loaded).
         """
         for step in plan.candidates:
             t0 = time.monotonic()
-            manifest, problems = self._verify(step)
-            if problems:
+            manifest, mismatched, unreadable = self._verify(step)
+            if mismatched:  # read whole and wrong: proof, so it is marked (never deleted)
                 if self._rank == 0:
-                    self._emit("checkpoint_invalid", step=step, problems=problems)
-                    housekeeping.mark_invalid(self._layout, step, problems)
+                    self._emit("checkpoint_invalid", step=step, problems=mismatched)
+                    housekeeping.mark_invalid(self._layout, step, mismatched)
+                continue
+            if unreadable:  # reads failed: no proof; skipped for now and left as it is
+                if self._rank == 0:
+                    log.warning("checkpoint of step %d cannot be read now, trying an older "
+                                "one: %s", step, "; ".join(unreadable))
+                    self._emit("checkpoint_unreadable", step=step, problems=unreadable)
                 continue
             verify_s = time.monotonic() - t0
-            self._load(step, manifest, state, plan)
+            refused = self._load_or_refuse(step, manifest, state, plan)
+            if refused:
+                if self._rank == 0:
+                    log.error("checkpoint of step %d refused: %s", step, refused)
+                    self._emit("checkpoint_refused", step=step, reason=refused)
+                    housekeeping.mark_invalid(self._layout, step, [refused])
+                continue
             if self._rank == 0:
                 self._emit("checkpoint_restored", step=step,
                            saved_world_size=manifest.world_size, world_size=self._world_size,
@@ -190,6 +222,28 @@ class CheckpointManager:
                 "(see the checkpoint_invalid events)")
         return 0
 
+    def _load_or_refuse(self, step: int, manifest: Manifest, state: dict[str, Any],
+                        plan: RestorePlan) -> str:
+        """Load `step`; return "" when done, or why it was refused as unsafe. Every rank
+        takes the same decision (a refusal on one rank is a refusal on all), so that they all
+        go on to the same next candidate."""
+        outcome: tuple[str, str] = ("ok", "")
+        error: BaseException | None = None
+        try:
+            self._load(step, manifest, state, plan)
+        except (Exception, CheckpointException) as e:  # CheckpointException: a BaseException
+            error = e
+            outcome = ("refused" if is_refusal(e) else "error", describe_error(e))
+        gathered: list[tuple[str, str]] = [("ok", "")] * self._world_size
+        dist.all_gather_object(gathered, outcome, group=self._group)
+        failed = [(rank, text) for rank, (kind, text) in enumerate(gathered) if kind == "error"]
+        if failed:
+            if error is not None and outcome[0] == "error":
+                raise error
+            raise CheckpointError(f"restoring step {step} failed on rank {failed[0][0]}: "
+                                  f"{failed[0][1]}")
+        return next((text for kind, text in gathered if kind == "refused"), "")
+
     def _load(self, step: int, manifest: Manifest, state: dict[str, Any],
               plan: RestorePlan) -> None:
         parts = manifest.parts or plan.parts
@@ -197,9 +251,10 @@ class CheckpointManager:
         # keeps the one it was seeded with (the world size changed: elastic). A partial
         # restore leaves the RNG alone.
         with_rng = self._rank < manifest.world_size and not parts
-        to_load = self._with_rng(state) if with_rng else dict(state)
         storage_reader = reader(self._layout, step, manifest.data_dir)
         have = set(storage_reader.read_metadata().state_dict_metadata)
+        legacy_rng = f"{_RNG_PREFIX}{self._rank}.python_numpy" in have
+        to_load = self._with_rng(state, legacy_rng) if with_rng else dict(state)
         wanted, _ = flatten_state_dict(plain_state(to_load))
         selected = {k for k in wanted if _under(k, parts)}
         missing = sorted(selected - have)
@@ -222,18 +277,26 @@ class CheckpointManager:
         dcp.load(to_load, storage_reader=storage_reader, planner=_PartialLoadPlanner(keep),
                  process_group=self._group)
 
-    def _verify(self, step: int) -> tuple[Manifest | None, list[str]]:
-        """Every rank checks its share of the files; all ranks see all problems."""
+    def _verify(self, step: int) -> tuple[Manifest | None, list[str], list[str]]:
+        """Every rank checks its share of the files; all ranks see all problems: the files
+        that mismatch the manifest, and those that could not be read."""
         manifest = None
+        mismatched: list[str] = []
+        unreadable: list[str] = []
         try:
             manifest = commit.read_manifest(self._layout, step)
             mine = commit.share_of(sorted(manifest.files), self._rank, self._world_size)
-            problems = commit.verify_files(self._layout, manifest, mine)
-        except (ManifestError, OSError) as e:
-            problems = [f"rank {self._rank}: {e}"]
-        gathered: list[list[str]] = [[] for _ in range(self._world_size)]
-        dist.all_gather_object(gathered, problems, group=self._group)
-        return manifest, sorted({p for share in gathered for p in share})
+            found = commit.verify_files(self._layout, manifest, mine)
+            mismatched, unreadable = found.mismatched, found.unreadable
+        except ManifestError as e:
+            mismatched = [f"rank {self._rank}: {e}"]
+        except OSError as e:
+            unreadable = [f"rank {self._rank}: manifest cannot be read now: "
+                          f"{type(e).__name__} ({getattr(e, 'strerror', None) or e})"]
+        gathered: list[tuple[list[str], list[str]]] = [([], [])] * self._world_size
+        dist.all_gather_object(gathered, (mismatched, unreadable), group=self._group)
+        return (manifest, sorted({p for share, _ in gathered for p in share}),
+                sorted({p for _, share in gathered for p in share}))
 
     # --- save ------------------------------------------------------------------------------
 
@@ -415,8 +478,8 @@ class CheckpointManager:
         dist.broadcast_object_list(box, src=0, group=group)
         return int(box[0])
 
-    def _with_rng(self, state: dict[str, Any]) -> dict[str, Any]:
-        return {**state, f"{_RNG_PREFIX}{self._rank}": RankRng()}
+    def _with_rng(self, state: dict[str, Any], legacy: bool = False) -> dict[str, Any]:
+        return {**state, f"{_RNG_PREFIX}{self._rank}": RankRng(legacy)}
 
 
 def describe_error(e: BaseException) -> str:

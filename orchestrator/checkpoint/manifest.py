@@ -15,6 +15,7 @@ Format versions (readers migrate older ones forward, see `_MIGRATIONS`):
 from __future__ import annotations
 
 import json
+import re
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -82,6 +83,7 @@ class Manifest:
                     f"manifest format_version {version} is newer than this orchestrator "
                     f"reads ({FORMAT_VERSION}); upgrade the orchestrator")
             raw = migrate(raw)
+            check_names(raw)
             raw["files"] = {name: FileEntry(**entry) for name, entry in raw["files"].items()}
             if raw["hash_algorithm"] not in HASHERS:
                 raise ManifestError(f"unknown hash algorithm {raw['hash_algorithm']!r}")
@@ -90,6 +92,30 @@ class Manifest:
             raise
         except (ValueError, KeyError, TypeError) as e:
             raise ManifestError(f"manifest.json is malformed: {e}") from e
+
+
+_DATA_DIR = re.compile(r"^(save-[A-Za-z0-9]{1,64})?$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,200}$")
+
+
+def is_plain_name(name: Any) -> bool:
+    """A file name that stays in its folder when joined to it: no separators, not '.' or
+    '..', not absolute."""
+    return isinstance(name, str) and bool(_FILE_NAME.match(name)) and name not in (".", "..")
+
+
+def check_names(raw: dict[str, Any]) -> None:
+    """Names read from storage become paths: a crafted manifest must not lead a read or a
+    delete out of the run's folder."""
+    if not isinstance(raw.get("data_dir"), str) or not _DATA_DIR.match(raw["data_dir"]):
+        raise ManifestError(f"manifest data_dir {raw.get('data_dir')!r} is not a save folder "
+                            "name (save-<id>)")
+    files = raw.get("files")
+    if not isinstance(files, dict):
+        raise ManifestError("manifest files must be a mapping of file names")
+    for name in files:
+        if not is_plain_name(name):
+            raise ManifestError(f"manifest names the file {name!r}: not a plain file name")
 
 
 def _v1_to_v2(raw: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -26,18 +26,44 @@ T = TypeVar("T")
 # Errors worth another try: the network, throttling, a service hiccup. Everything else (not
 # found, access denied, no such bucket) is an answer, and retrying it only delays the message.
 _TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.EBUSY,
-                     errno.ECONNREFUSED, errno.EPIPE}
+                     errno.ECONNREFUSED, errno.EPIPE, errno.ESTALE, errno.ENETUNREACH,
+                     errno.EHOSTUNREACH, errno.ENETDOWN, errno.ECONNABORTED}
 RETRY_ATTEMPTS = 5
 RETRY_INITIAL_S = 0.2
 
+StorageFault = Literal["transient", "permanent", "mismatch"]
+
+
+class ContentMismatch(ValueError):
+    """A read completed, and what it read disagrees with what the manifest says (a size, a
+    checksum, a manifest that does not parse): the one proof that a checkpoint is bad."""
+
+
+def classify_storage_error(error: BaseException) -> StorageFault:
+    """What a failed storage operation proves.
+
+    - transient: the network, throttling, a stale handle: try again;
+    - permanent: an answer (not found, forbidden, not a folder): trying again will not help,
+      but it says nothing about the bytes of a checkpoint either;
+    - mismatch: the read completed and the content is wrong (ContentMismatch, or a
+      manifest that does not parse): only this marks a checkpoint invalid.
+    """
+    from orchestrator.checkpoint.manifest import ManifestError
+
+    if isinstance(error, (ContentMismatch, ManifestError)):
+        return "mismatch"
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return "transient"
+    if isinstance(error, (FileNotFoundError, FileExistsError, PermissionError,
+                          NotADirectoryError, IsADirectoryError)):
+        return "permanent"
+    if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:
+        return "transient"
+    return "permanent"
+
 
 def is_transient(error: BaseException) -> bool:
-    if isinstance(error, (ConnectionError, TimeoutError)):
-        return True
-    permanent = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
-                 IsADirectoryError)
-    return (isinstance(error, OSError) and not isinstance(error, permanent)
-            and error.errno in _TRANSIENT_ERRNOS)
+    return classify_storage_error(error) == "transient"
 
 
 def with_retries(op: Callable[[], T], what: str, *, attempts: int = RETRY_ATTEMPTS,

@@ -12,11 +12,12 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
 from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.manifest import FileEntry, new_hasher
+from orchestrator.checkpoint.safe_load import SafeFileSystemReader, SafeFsspecReader
 
 
 class _HashingStream:
@@ -88,8 +89,10 @@ def hashing_writer(layout: RunLayout, step: int, data_dir: str) -> Any:
 
 
 def reader(layout: RunLayout, step: int, data_dir: str) -> Any:
+    """The one DCP reader of a checkpoint: its `.metadata` goes through the allow-list
+    (checkpoint/safe_load.py), for restore, `ckpt show`, `verify` and `export` alike."""
     storage = layout.storage
     parts = layout.data_dir(step, data_dir)
     if storage.is_local:
-        return FileSystemReader(storage.path(*parts))
-    return FsspecReader(storage.url_of(*parts))
+        return SafeFileSystemReader(storage.path(*parts))
+    return SafeFsspecReader(storage.url_of(*parts))

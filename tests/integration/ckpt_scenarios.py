@@ -339,3 +339,57 @@ def close_waits_for_the_save_in_flight(rank, world, groups, url):
         time.sleep(3)  # let the abandoned save of the first case end before the next
         dist.barrier()
     return seen
+
+
+class FaultyLocal:
+    """A fault-injecting fsspec filesystem in front of the local one (a flaky NFS mount, a
+    disk with bad sectors): opens of files whose path contains `match` fail with EIO, the
+    first `failures` times (-1: always). Everything else passes through."""
+
+    def __init__(self, inner, match: str, failures: int) -> None:
+        self._inner = inner
+        self.match = match
+        self.failures = failures
+        self.failed = 0
+
+    def _maybe_fail(self, path) -> None:
+        import errno
+
+        if self.match in str(path) and self.failures != 0:
+            self.failures -= 1 if self.failures > 0 else 0
+            self.failed += 1
+            raise OSError(errno.EIO, "injected: Input/output error")
+
+    def open(self, path, mode="rb", **kwargs):
+        if "r" in mode:
+            self._maybe_fail(path)
+        return self._inner.open(path, mode, **kwargs)
+
+    def cat_file(self, path, *args, **kwargs):
+        self._maybe_fail(path)
+        return self._inner.cat_file(path, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def restore_through_read_faults(rank, world, groups, url, match, failures):
+    """Save steps 2 and 4; restore with reads of files matching `match` failing `failures`
+    times; then restore again with no faults (a later run). Returns both restores."""
+    events: list[dict] = []
+    manager = make_manager(rank, world, groups, url, {}, events)
+    trainer = Trainer(rank, world)
+    for step in range(1, 5):
+        trainer.step(step)
+        if step in (2, 4):
+            manager.save(step, {"train": trainer.state}, {})
+    manager.finish()
+    storage = manager._layout.storage
+    real = storage.fs
+    storage.fs = faulty = FaultyLocal(real, match, failures)
+    first = manager.restore({"train": Trainer(rank, world).state},
+                            RestorePlan(candidates=_committed(url)))
+    storage.fs = real
+    second = manager.restore({"train": Trainer(rank, world).state},
+                             RestorePlan(candidates=_committed(url)))
+    return {"first": first, "second": second, "events": events, "failed": faulty.failed}

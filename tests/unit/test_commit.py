@@ -72,8 +72,9 @@ def test_corrupted_bytes_of_the_same_size_fail_verification(layout):
     save(layout, 5)
     layout.storage.write_atomic(b"X" * 100, *layout.data_dir(5, DATA), "__0_0.distcp")
     (candidate,), _ = commit.committed_checkpoints(layout)  # same size: passes the cheap check
-    problems = commit.verify_files(layout, candidate.manifest, sorted(candidate.manifest.files))
-    assert len(problems) == 1 and problems[0].startswith("__0_0.distcp")
+    found = commit.verify_files(layout, candidate.manifest, sorted(candidate.manifest.files))
+    assert len(found.mismatched) == 1 and found.mismatched[0].startswith("__0_0.distcp")
+    assert found.unreadable == []
 
 
 def test_manifest_round_trips_and_refuses_a_future_format(layout):
