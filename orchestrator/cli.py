@@ -64,6 +64,22 @@ def _run(args: argparse.Namespace) -> int:
         print(f"orchestrator: {e}", file=sys.stderr)
         return EXIT_USAGE
 
+    from orchestrator.lease import Holder, LeaseHeld, RunLease
+
+    layout = RunLayout(storage, config.run.name)
+    lease = RunLease(layout, config.run.lease_timeout_s)
+    try:
+        # One driver per run: taken before anything starts, so a second driver of a live
+        # run is refused at once (a scheduler that restarted a job it thought dead).
+        lease.acquire(Holder.this_process(os.environ.get("RAY_JOB_ID", "")))
+    except LeaseHeld as e:
+        print(f"orchestrator: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"orchestrator: the run's lease cannot be taken: {type(e).__name__}: {e}",
+              file=sys.stderr)
+        return EXIT_USAGE
+
     import ray
 
     from orchestrator.driver import Driver
@@ -75,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
         # "local": always a new instance, even if `ray start` left a cluster on this machine.
         ray.init(address="local", include_dashboard=False)
     try:
-        driver = Driver(config, RayWorkerGroup(config), RunLayout(storage, config.run.name))
+        driver = Driver(config, RayWorkerGroup(config), layout, lease=lease)
         result = driver.run()
     finally:
         ray.shutdown()

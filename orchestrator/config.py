@@ -37,8 +37,16 @@ class RunConfig:
     """Name of the run; a second `orchestrator run` with the same name and storage resumes it."""
     storage: str = "./runs"
     """Where checkpoints and the event log go: a local path or an fsspec URL (file://, s3://)."""
+    lease_timeout_s: float = 30.0
+    """The driver holds the run through a lease in its storage, renewed every third of this;
+    a second driver of the run is refused while it is held. After a driver dies, the next one
+    takes over at once if the dead one ran on its host, else once this has passed."""
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.lease_timeout_s, (int, float))
+                 and not isinstance(self.lease_timeout_s, bool) and self.lease_timeout_s >= 1,
+                 "run.lease_timeout_s", "it must be a number of seconds >= 1",
+                 self.lease_timeout_s)
         _require(
             isinstance(self.name, str) and bool(_RUN_NAME.match(self.name)),
             "run.name", "use letters, digits, '.', '_' and '-'", self.name,

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+import uuid
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from orchestrator.chaos import pending_faults
@@ -30,6 +31,8 @@ from orchestrator.hangs import ProgressWatch
 from orchestrator.failures import (Action, Failure, FailureKind, Incident, RankResult, classify,
                                    decide, describe, is_peer_echo)
 from orchestrator.context import StopMode
+from orchestrator.continuation import continuation
+from orchestrator.lease import LeaseKeeper, RunLease
 from orchestrator.messages import AttemptSpec, WorkerReport
 from orchestrator.worker_group import WorkerGroup, WorkerStartError
 
@@ -107,10 +110,16 @@ class Driver:
     def __init__(self, config: JobConfig, group: WorkerGroup, layout: RunLayout,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 lease: RunLease | None = None) -> None:
         """`clock` stamps events; `monotonic` times deadlines and hangs; `sleep` waits out
-        back-offs. Unit tests replace all three."""
+        back-offs. Unit tests replace all three. `lease`: the run's lease, already acquired
+        (the CLI takes it before anything starts); None runs without one (tests that drive
+        the loop in-process)."""
         self._config = config
+        self._lease = lease
+        self._keeper: LeaseKeeper | None = None
+        self.job_id = ""
         self._group = group
         self._layout = layout
         self._clock = clock
@@ -139,20 +148,45 @@ class Driver:
     # --- the loop --------------------------------------------------------------------------
 
     def run(self) -> JobResult:
-        resumed = bool(self.events.events("job_start"))
-        self.events.emit("job_start", run=self._config.run.name, resumed=resumed,
-                         config=self._config.to_dict())
-        if resumed:
-            self.events.emit("driver_resumed")
+        history = self.events.events()
+        carried = continuation(history)
+        self.job_id = carried.job_id or uuid.uuid4().hex[:12]
+        generation = self._lease.generation if self._lease else 0
+        self.events.emit("job_start", run=self._config.run.name, job_id=self.job_id,
+                         resumed=bool(history), continuing=carried.continuing,
+                         lease_generation=generation, config=self._config.to_dict())
+        if self._lease is not None and self._lease.took_over is not None:
+            self.events.emit("lease_taken_over", generation=generation,
+                             previous_holder=asdict(self._lease.took_over.holder),
+                             previous_expired=self._lease.took_over.expires_at <= self._clock())
+        if carried.continuing:
+            # The previous driver of this job died: continue the job, do not start it again.
+            self.incidents = list(carried.incidents)
+            self._committed_by_this_job = carried.committed
+            self.state = Starting(attempt=carried.next_attempt)
+            self.events.emit("driver_resumed", attempt=carried.next_attempt,
+                             failures_so_far=sum(len(i.failures) for i in self.incidents),
+                             committed_by_this_job=carried.committed)
+        if self._lease is not None:
+            self._keeper = LeaseKeeper(self._lease, self._config.run.lease_timeout_s)
         try:
             while not self.state.terminal:
                 self.step()
         finally:
             self._group.shutdown()
-        return self._finish()
+        result = self._finish()
+        if self._keeper is not None:
+            self._keeper.close(release=True)
+        return result
 
     def step(self) -> None:
         """Carry out the current state once, possibly moving to the next."""
+        if self._keeper is not None and self._keeper.lost:
+            # Another driver has the run now: this one's workers can no longer commit, and
+            # it must not go on deciding anything for the run.
+            self.events.emit("lease_lost", reason=self._keeper.lost)
+            self._set_state(Failed(reason=f"{self._keeper.lost}: this driver stops"))
+            return
         handler = {Starting: self._start, Running: self._watch, Recovering: self._recover}
         handler[type(self.state)](self.state)
 
@@ -177,6 +211,10 @@ class Driver:
                 self.events.emit("checkpoint_invalid", step=r.step, problems=[r.reason])
             if r.proven_bad:
                 mark_invalid(self._layout, r.step, [r.reason])
+        # Storage says so too: a manifest this job wrote (its event may have been lost with
+        # a driver that died right after the commit).
+        self._committed_by_this_job |= bool(self.job_id) and any(
+            c.manifest.job_id == self.job_id for c in candidates)
         try:
             plan = plan_restore(self._config.checkpoint, candidates, rejected,
                                 self._layout.storage.url_of(self._layout.run_name),
@@ -211,7 +249,8 @@ class Driver:
             storage_url=cfg.run.storage_url, run_name=cfg.run.name,
             parallelism=str(cfg.workload.args.get("parallelism", "ddp")),
             checkpoint=cfg.checkpoint, restore=plan,
-            faults=pending_faults(cfg.chaos, self._layout)))
+            faults=pending_faults(cfg.chaos, self._layout), job_id=self.job_id,
+            fencing_token=self._lease.generation if self._lease else 0))
         now = self._monotonic()
         self._progress = ProgressWatch(range(len(infos)), now, cfg.failure.hang_timeout_s)
         self._stop_requested = set()
@@ -364,7 +403,8 @@ class Driver:
         log.warning("attempt %d failed: %s -> %s", attempt, decision.reason,
                     decision.action.value)
         self.events.emit("decision", action=decision.action.value, reason=decision.reason,
-                         delay_s=decision.delay_s)
+                         delay_s=decision.delay_s, attempt=attempt,
+                         progress_s=round(progress_s, 3))
         if decision.action is Action.STOP:
             self._set_state(Failed(reason=self._stop_message(decision.reason)))
             return

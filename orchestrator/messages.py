@@ -46,6 +46,10 @@ class AttemptSpec:
     restore: RestorePlan
     """Which committed steps to try, in order; the first that verifies is restored."""
     faults: list[Fault] = field(default_factory=list)
+    job_id: str = ""
+    """The job these workers belong to: written into every manifest they commit."""
+    fencing_token: int = 0
+    """The driver's lease generation: a commit checks that no newer one exists (0: none)."""
 
 
 @dataclass(frozen=True)

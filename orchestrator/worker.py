@@ -107,7 +107,8 @@ class TrainWorker:
                 layout=layout, rank=rdzv.rank, world_size=rdzv.world_size,
                 parallelism=spec.parallelism, group=self._ckpt_group,
                 save_group=self._save_group, config=spec.checkpoint, faults=faults,
-                emit=self._reporter.emit, host=rdzv.master_addr, timeout_s=rdzv.timeout_s)
+                emit=self._reporter.emit, host=rdzv.master_addr, timeout_s=rdzv.timeout_s,
+                job_id=spec.job_id, fencing_token=spec.fencing_token)
             device = torch.device("cuda", 0) if rdzv.backend == "nccl" else torch.device("cpu")
             ctx = TrainContext(
                 rank=rdzv.rank, world_size=rdzv.world_size, local_rank=rdzv.local_rank,

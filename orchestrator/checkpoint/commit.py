@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from orchestrator.checkpoint.storage import with_retries
 from orchestrator.checkpoint.layout import INVALID, MANIFEST, SAVE_DIR_PREFIX, RunLayout
 from orchestrator.checkpoint.manifest import (
     HASH_ALGORITHM, FileEntry, FutureFormatError, Manifest, ManifestError, checksum_stream,
@@ -160,7 +159,7 @@ def verify_files(layout: RunLayout, manifest: Manifest, names: list[str]) -> Ver
     for name in names:
         want = manifest.files[name]
         try:
-            got = with_retries(
+            got = layout.storage.retry(
                 lambda: checksum_files(layout, manifest.step, manifest.data_dir, [name],
                                        manifest.hash_algorithm)[name], f"checksum {name}")
         except OSError as e:

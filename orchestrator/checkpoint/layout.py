@@ -21,6 +21,7 @@ INVALID = "invalid.json"
 EVENTS = "events.jsonl"
 SUMMARY = "summary.json"
 CHAOS = "chaos"
+LEASES = "lease"
 SAVE_DIR_PREFIX = "save-"
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
 
@@ -73,6 +74,14 @@ class RunLayout:
     @property
     def chaos(self) -> tuple[str, ...]:
         return (self.run_name, CHAOS)
+
+    @property
+    def leases(self) -> tuple[str, ...]:
+        """One file per lease generation; the highest is the run's current lease."""
+        return (self.run_name, LEASES)
+
+    def lease(self, generation: int) -> tuple[str, ...]:
+        return (self.run_name, LEASES, f"{generation:09d}.json")
 
     def step_dirs(self) -> list[int]:
         """Every step that has a directory, committed or not, in ascending numeric order."""

@@ -51,6 +51,7 @@ from orchestrator.checkpoint.save_process import SaveProcess, SaveRequest
 from orchestrator.checkpoint.snapshot import Snapshot, Snapshotter, StepGate, optimizers_in, plain_state
 from orchestrator.checkpoint.writer import hashing_writer, reader
 from orchestrator.config import CheckpointConfig
+from orchestrator.lease import current_generation
 from orchestrator.errors import CheckpointError
 
 Emit = Callable[..., None]
@@ -140,8 +141,11 @@ class CheckpointManager:
     def __init__(self, *, layout: RunLayout, rank: int, world_size: int, parallelism: str,
                  group: dist.ProcessGroup, save_group: dist.ProcessGroup | None,
                  config: CheckpointConfig, faults: FaultInjector, emit: Emit,
-                 host: str = "127.0.0.1", timeout_s: float = 300.0) -> None:
+                 host: str = "127.0.0.1", timeout_s: float = 300.0, job_id: str = "",
+                 fencing_token: int = 0) -> None:
         self._layout = layout
+        self._job_id = job_id
+        self._fencing_token = fencing_token
         self._rank = rank
         self._world_size = world_size
         self._parallelism = parallelism
@@ -419,7 +423,18 @@ class CheckpointManager:
             step=step, world_size=self._world_size, parallelism=self._parallelism,
             data_dir=data_dir, files=files, metrics=metrics,
             torch_version=torch.__version__, orchestrator_version=orchestrator.__version__,
+            job_id=self._job_id, fencing_token=self._fencing_token,
         )
+        if self._fencing_token:
+            # The fence: a driver that lost the run's lease has workers that must never
+            # commit once the takeover is written (checked as close to the write as we can).
+            newest = current_generation(self._layout)
+            if newest != self._fencing_token:
+                self._emit("checkpoint_fenced", step=step, fencing_token=self._fencing_token,
+                           lease_generation=newest)
+                raise CheckpointError(
+                    f"step {step} not committed: this job's lease (generation "
+                    f"{self._fencing_token}) was taken over by generation {newest}")
         commit.write_manifest(self._layout, manifest)
         self._emit("checkpoint_committed", step=step, bytes=manifest.total_bytes,
                    mode=self._mode, copy_s=round(copy_s, 3), write_s=round(written_s, 3),
@@ -447,6 +462,15 @@ class CheckpointManager:
         """Every file in the save folder must have a checksum; hash any a writer did not
         report (none, normally) by reading it back."""
         names = commit.data_files(self._layout, step, data_dir)
+        unseen = sorted(set(files) - set(names))
+        if unseen:
+            # Another rank wrote a file this rank cannot see: their storage is not shared
+            # (a local path on a multi-node cluster). A manifest without it would verify and
+            # restore without that rank's shards.
+            raise CheckpointError(
+                f"step {step} not committed: rank 0 cannot see {_few(unseen)}, which other "
+                f"ranks wrote to {self._layout.storage.url}; every rank must reach the same "
+                "storage (use S3 or a shared filesystem for run.storage)")
         unknown = [n for n in names if n not in files]
         if unknown:
             files = {**files, **commit.checksum_files(self._layout, step, data_dir, unknown)}

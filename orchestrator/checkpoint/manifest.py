@@ -10,6 +10,9 @@ Format versions (readers migrate older ones forward, see `_MIGRATIONS`):
      be written beside a committed one and replace it by swapping the manifest (overwrite);
      `parts` names what a partial checkpoint holds (an import holds the model only); the
      checksum is xxh3-64.
+  3  `job_id`: the job that committed it (a restarted driver continues the same job), and
+     `fencing_token`: the run's lease generation under which it was committed (0: none).
+     The RNG states inside are tensors (the DCP files of versions 1 and 2 hold them pickled).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, BinaryIO, Callable
 
 import xxhash
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # Measured on 256 MiB here: xxh3-64 18 GB/s, crc32c 11, zlib CRC-32 4.2, blake3 4.6, SHA-256
 # 1.8. The hash catches accidental corruption, not tampering, so the fastest wins: it keeps
 # checksumming a small fraction of a save (docs/benchmarks.md). CRC-32 stays readable for
@@ -59,6 +62,11 @@ class Manifest:
     parts: list[str] = field(default_factory=list)
     """Key prefixes the checkpoint holds when it is partial (an import); [] means complete."""
     format_version: int = FORMAT_VERSION
+    job_id: str = ""
+    """The job that committed it; a driver restarted after its predecessor died continues
+    the same job (and so knows the job already committed its own checkpoint)."""
+    fencing_token: int = 0
+    """The run's lease generation the commit was made under (0: no lease)."""
     hash_algorithm: str = HASH_ALGORITHM
     torch_version: str = ""
     orchestrator_version: str = ""
@@ -84,6 +92,9 @@ class Manifest:
                     f"reads ({FORMAT_VERSION}); upgrade the orchestrator")
             raw = migrate(raw)
             check_names(raw)
+            unknown = set(raw) - set(Manifest.__dataclass_fields__)
+            if unknown:
+                raise ManifestError(f"manifest.json has unknown fields {sorted(unknown)}")
             raw["files"] = {name: FileEntry(**entry) for name, entry in raw["files"].items()}
             if raw["hash_algorithm"] not in HASHERS:
                 raise ManifestError(f"unknown hash algorithm {raw['hash_algorithm']!r}")
@@ -124,7 +135,12 @@ def _v1_to_v2(raw: dict[str, Any]) -> dict[str, Any]:
             "format_version": 2}
 
 
-_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+def _v2_to_v3(raw: dict[str, Any]) -> dict[str, Any]:
+    return {**raw, "job_id": "", "fencing_token": 0, "format_version": 3}
+
+
+_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2,
+                                                                       2: _v2_to_v3}
 
 
 def migrate(raw: dict[str, Any]) -> dict[str, Any]:

@@ -66,6 +66,21 @@ def is_transient(error: BaseException) -> bool:
     return classify_storage_error(error) == "transient"
 
 
+S3_MAX_ATTEMPTS = 10
+"""botocore's attempts per S3 request (adaptive mode: backoff, and a client-side rate limit
+that slows down when S3 answers SlowDown)."""
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """fsspec options for `url`, handed to every filesystem that reaches it: ours, DCP's
+    readers and writers, the data source. On S3, botocore's own retries for every request,
+    the shard reads and writes of DCP included (they never pass through `with_retries`)."""
+    if url.startswith("s3://"):
+        return {"config_kwargs": {"retries": {"mode": "adaptive",
+                                              "max_attempts": S3_MAX_ATTEMPTS}}}
+    return {}
+
+
 def with_retries(op: Callable[[], T], what: str, *, attempts: int = RETRY_ATTEMPTS,
                  initial_s: float = RETRY_INITIAL_S, sleep: Callable[[float], Any] = time.sleep,
                  retryable: Callable[[BaseException], bool] = is_transient) -> T:
@@ -99,11 +114,19 @@ class Storage:
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
+        self.options = storage_options(self.url)
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.options)
         except (ImportError, ValueError) as e:
             raise StorageError(f"cannot open storage {url!r}: {e}") from e
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        # On S3 botocore retries every request itself (storage_options); retrying its final
+        # answer again would only multiply the wait.
+        self._attempts = RETRY_ATTEMPTS if self.is_local else 1
+
+    def retry(self, op: Callable[[], T], what: str) -> T:
+        """`op` with this storage's retries of transient errors."""
+        return with_retries(op, what, attempts=self._attempts)
 
     def path(self, *parts: str) -> str:
         """Filesystem path (no scheme) of a relative path."""
@@ -114,13 +137,13 @@ class Storage:
         return "/".join([self.url, *parts]) if parts else self.url
 
     def exists(self, *parts: str) -> bool:
-        return with_retries(lambda: self.fs.exists(self.path(*parts)), "exists")
+        return self.retry(lambda: self.fs.exists(self.path(*parts)), "exists")
 
     def list_dir(self, *parts: str) -> list[FileInfo]:
         """Files and folders directly under a folder; empty when it does not exist."""
         try:
             # refresh: object stores cache listings, and a commit must be seen at once.
-            entries = with_retries(
+            entries = self.retry(
                 lambda: self.fs.ls(self.path(*parts), detail=True, refresh=True), "list")
         except FileNotFoundError:
             return []
@@ -128,7 +151,7 @@ class Storage:
                 for e in entries]
 
     def read_bytes(self, *parts: str) -> bytes:
-        return with_retries(lambda: self.fs.cat_file(self.path(*parts)), "read")
+        return self.retry(lambda: self.fs.cat_file(self.path(*parts)), "read")
 
     def open_read(self, *parts: str):
         path = self.path(*parts)
@@ -136,7 +159,7 @@ class Storage:
             # s3fs pins the ETag it last listed; a file replaced since (by another process)
             # would then fail to open instead of being read as it is now.
             self.fs.invalidate_cache(path)
-        return with_retries(lambda: self.fs.open(path, "rb"), "open")
+        return self.retry(lambda: self.fs.open(path, "rb"), "open")
 
     def write_atomic(self, data: bytes, *parts: str) -> None:
         """Make `data` appear at the path whole or not at all.
@@ -147,7 +170,7 @@ class Storage:
         """
         target = self.path(*parts)
         if not self.is_local:
-            with_retries(lambda: self.fs.pipe_file(target, data), "write")
+            self.retry(lambda: self.fs.pipe_file(target, data), "write")
             return
         folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
@@ -159,6 +182,39 @@ class Storage:
         os.replace(tmp, target)
         fsync_dir(folder)
 
+    def create_exclusive(self, data: bytes, *parts: str) -> bool:
+        """Create the file with `data` only if it does not exist: True if this call created
+        it, False if it was there already. Atomic against any number of racing writers: on
+        local disk a hard link of a complete temporary file (link fails if the target
+        exists); on S3 one PUT with `If-None-Match: *` (412 if the key exists)."""
+        target = self.path(*parts)
+        if not self.is_local:
+            try:
+                self.fs.pipe_file(target, data, mode="create")
+                return True
+            except FileExistsError:
+                # A retried PUT whose first try went through also ends here: it is ours
+                # if it holds exactly our bytes (callers put a unique nonce in them).
+                try:
+                    return self.fs.cat_file(target) == data
+                except OSError:
+                    return False
+        folder = os.path.dirname(target)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(target)}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        fsync_dir(folder)
+        return True
+
     def makedirs(self, *parts: str) -> None:
         # Object stores have no folders, and s3fs's makedirs would create a missing bucket:
         # a storage that does not exist must stay an error.
@@ -167,13 +223,13 @@ class Storage:
 
     def remove_file(self, *parts: str) -> None:
         try:
-            with_retries(lambda: self.fs.rm_file(self.path(*parts)), "remove")
+            self.retry(lambda: self.fs.rm_file(self.path(*parts)), "remove")
         except FileNotFoundError:
             pass
 
     def remove_tree(self, *parts: str) -> None:
         try:
-            with_retries(lambda: self.fs.rm(self.path(*parts), recursive=True), "remove")
+            self.retry(lambda: self.fs.rm(self.path(*parts), recursive=True), "remove")
         except FileNotFoundError:
             pass
 

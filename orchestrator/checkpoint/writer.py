@@ -83,7 +83,7 @@ def hashing_writer(layout: RunLayout, step: int, data_dir: str) -> Any:
         writer = FileSystemWriter(storage.path(*parts), sync_files=True)
     else:
         # FsspecWriter's sync_files calls os.sync() on the whole host: pointless for S3.
-        writer = FsspecWriter(storage.url_of(*parts), sync_files=False)
+        writer = FsspecWriter(storage.url_of(*parts), sync_files=False, **storage.options)
     writer.fs = _HashingFileSystem(writer.fs)
     return writer
 
@@ -95,4 +95,4 @@ def reader(layout: RunLayout, step: int, data_dir: str) -> Any:
     parts = layout.data_dir(step, data_dir)
     if storage.is_local:
         return SafeFileSystemReader(storage.path(*parts))
-    return SafeFsspecReader(storage.url_of(*parts))
+    return SafeFsspecReader(storage.url_of(*parts), **storage.options)

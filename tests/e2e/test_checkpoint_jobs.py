@@ -15,6 +15,7 @@ import torch
 
 from orchestrator.checkpoint import commit
 from orchestrator.checkpoint.consolidate import load_full_state
+from orchestrator.checkpoint.manifest import FORMAT_VERSION
 from tests.helpers import assert_same_final_state, events_of, flatten, make_config, run_job
 
 pytestmark = pytest.mark.e2e
@@ -108,7 +109,7 @@ def test_a_4_worker_fsdp_checkpoint_resumes_on_2_workers_and_on_ddp(ray_cluster,
         assert commit.read_manifest(layout, 8).world_size == workers
 
 
-def test_a_format_1_run_resumes_and_continues_in_format_2(ray_cluster, tmp_path):
+def test_a_format_1_run_resumes_and_continues_in_the_current_format(ray_cluster, tmp_path):
     shutil.copytree(FIXTURE, tmp_path / "v1run")
     shutil.rmtree(tmp_path / "v1run" / "checkpoints" / "step_000000004")
     config = make_config(
@@ -121,7 +122,7 @@ def test_a_format_1_run_resumes_and_continues_in_format_2(ray_cluster, tmp_path)
     new = commit.read_manifest(layout, 4)
     assert new.data_dir.startswith("save-") and new.hash_algorithm == "xxh3_64"
     raw = json.loads(layout.storage.read_bytes(*layout.manifest(4)))
-    assert raw["format_version"] == 2
+    assert raw["format_version"] == FORMAT_VERSION == 3
     # The fixture's own step 4 was written by the uninterrupted format-1 run. Another
     # machine's CPU kernels may round differently: equal to float precision.
     mine = flatten(load_full_state(layout, 4))

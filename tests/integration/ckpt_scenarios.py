@@ -393,3 +393,21 @@ def restore_through_read_faults(rank, world, groups, url, match, failures):
     second = manager.restore({"train": Trainer(rank, world).state},
                              RestorePlan(candidates=_committed(url)))
     return {"first": first, "second": second, "events": events, "failed": faulty.failed}
+
+
+def with_s3_attempts(attempts: int, scenario, *args):
+    """Run `scenario` in this rank with botocore allowed `attempts` tries per S3 request
+    (a persistent fault then shows in seconds, not minutes)."""
+    from orchestrator.checkpoint import storage
+
+    storage.S3_MAX_ATTEMPTS = attempts
+    return scenario(*args)
+
+
+def restore_newest_through_faults(rank, world, groups, url):
+    """Restore whatever is newest (read faults, if any, come from the proxy), then again."""
+    events: list[dict] = []
+    manager = make_manager(rank, world, groups, url, {}, events)
+    first = manager.restore({"train": Trainer(rank, world).state},
+                            RestorePlan(candidates=_committed(url)))
+    return {"first": first, "events": events}

@@ -102,7 +102,8 @@ def test_a_format_1_manifest_is_migrated_forward():
     raw = json.loads((FIXTURE / "step_000000002" / "manifest.json").read_text())
     assert raw["format_version"] == 1
     manifest = Manifest.from_json(json.dumps(raw).encode())
-    assert manifest.format_version == FORMAT_VERSION == 2
+    assert manifest.format_version == FORMAT_VERSION == 3
+    assert (manifest.job_id, manifest.fencing_token) == ("", 0)
     assert manifest.data_dir == "" and manifest.parts == []
     assert manifest.hash_algorithm == "crc32"  # what format 1 used; still verifiable
     with open(FIXTURE / "step_000000002" / "__0_0.distcp", "rb") as f:

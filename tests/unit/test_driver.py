@@ -364,3 +364,35 @@ def test_room_for_missing_workers_asks_for_a_stop_at_the_next_checkpoint_then_re
     driver.step()
     driver.step()
     assert group.shutdowns == 1  # placed anew, at the size the cluster allows now
+
+
+def test_the_driver_never_deletes_a_checkpoint_and_marks_only_proven_bad_ones(layout):
+    from orchestrator.checkpoint.housekeeping import mark_invalid
+
+    for step in (5, 10, 15, 20):
+        commit_step(layout, step)
+    mark_invalid(layout, 5, ["a checksum mismatch found earlier"])
+    layout.storage.write_atomic(b"{torn", *layout.manifest(15))  # read whole: proof
+    real_cat = layout.storage.fs.cat_file
+
+    def cat_file(path, *args, **kwargs):  # reading step 20's manifest fails, every time
+        if "step_000000020/manifest" in path:
+            raise TimeoutError("injected: read timed out")
+        return real_cat(path, *args, **kwargs)
+
+    layout.storage.fs.cat_file = cat_file
+    try:
+        driver = Driver(config_for(layout), FakeGroup([[[ok(0), ok(1)]]]), layout)
+        driver.step()
+    finally:
+        layout.storage.fs.cat_file = real_cat
+    assert driver.state.attempt == 0 and isinstance(driver.state, Running)
+    assert driver._group.launched[0].restore.candidates == [10]
+    (unreadable,) = driver.events.events("checkpoint_unreadable")
+    assert unreadable["step"] == 20
+    assert sorted(e["step"] for e in driver.events.events("checkpoint_invalid")) == [5, 15]
+    assert not layout.storage.exists(*layout.invalid_marker(20))  # a timeout proves nothing
+    assert layout.storage.exists(*layout.invalid_marker(15))
+    for step in (5, 15, 20):  # every one still there, for inspection or a later run
+        assert layout.storage.exists(*layout.manifest(step))
+    assert not driver.events.events("checkpoint_debris_removed")
