@@ -48,6 +48,9 @@ PROBE_TIMEOUT_S = 2.0
 PROGRESS_EVERY_S = 2.0
 """How often rank 0's step and metrics go to the log and events.jsonl."""
 
+SUMMARY_PATIENCE_S = 120.0
+"""How long the end of a job waits for storage to take its summary and last events."""
+
 CLUSTER_CHECK_INTERVAL_S = 1.0
 """How often RUNNING asks Ray about draining nodes and free room (elastic growth)."""
 
@@ -174,6 +177,10 @@ class Driver:
                 self.step()
         finally:
             self._group.shutdown()
+        if self._keeper is not None and self._keeper.lost:
+            self._keeper.close(release=False)
+            return JobResult(succeeded=False, message=self.state.reason,
+                             summary=self._summary(succeeded=False))
         result = self._finish()
         if self._keeper is not None:
             self._keeper.close(release=True)
@@ -181,11 +188,11 @@ class Driver:
 
     def step(self) -> None:
         """Carry out the current state once, possibly moving to the next."""
-        if self._keeper is not None and self._keeper.lost:
+        if self._keeper is not None and self._keeper.check():
             # Another driver has the run now: this one's workers can no longer commit, and
-            # it must not go on deciding anything for the run.
-            self.events.emit("lease_lost", reason=self._keeper.lost)
-            self._set_state(Failed(reason=f"{self._keeper.lost}: this driver stops"))
+            # it must not write anything more into the run (not even the end of it).
+            log.error("%s: this driver stops", self._keeper.lost)
+            self.state = Failed(reason=f"{self._keeper.lost}: this driver stops")
             return
         handler = {Starting: self._start, Running: self._watch, Recovering: self._recover}
         handler[type(self.state)](self.state)
@@ -431,20 +438,45 @@ class Driver:
 
     # --- the end ---------------------------------------------------------------------------
 
-    def _finish(self) -> JobResult:
-        succeeded = isinstance(self.state, Succeeded)
+    def _summary(self, succeeded: bool) -> dict:
         candidates, _ = committed_checkpoints(self._layout)
-        summary = {
+        return {
             "status": "succeeded" if succeeded else "failed",
             **self._goodput.summary(self._clock()),
             "restarts": sum(1 for e in self.events.events("restart")),
             "failures": [f.to_event() for i in self.incidents for f in i.failures],
             "final_checkpoint_step": candidates[0].step if candidates else None,
         }
+
+    def _finish(self) -> JobResult:
+        succeeded = isinstance(self.state, Succeeded)
+        summary = self._summary(succeeded)
         message = "job succeeded" if succeeded else self.state.reason
         if not succeeded:
             summary["error"] = message
-        self._layout.storage.write_atomic(json.dumps(summary, indent=1).encode(),
-                                          *self._layout.summary)
         self.events.emit("job_end", status=summary["status"], message=message.splitlines()[0])
+        self._write_when_storage_answers(json.dumps(summary, indent=1).encode())
         return JobResult(succeeded=succeeded, message=message, summary=summary)
+
+    def _write_when_storage_answers(self, summary: bytes) -> None:
+        """The summary and the rest of the event log, retried (storage may be away for a
+        while) for up to SUMMARY_PATIENCE_S: the job's outcome is known and must not be
+        lost to a storage hiccup, nor turn into a driver crash."""
+        deadline = self._monotonic() + SUMMARY_PATIENCE_S
+        delay = 0.5
+        while True:
+            try:
+                self._layout.storage.write_atomic(summary, *self._layout.summary)
+                if self.events.flush():
+                    return
+                error = "the event log"
+            except Exception as e:  # noqa: BLE001 -- reported, then retried
+                error = f"{type(e).__name__}: {getattr(e, 'strerror', None) or str(e)[:200]}"
+            if self._monotonic() + delay > deadline:
+                log.error("the run's summary or event log could not be written (%s); the "
+                          "outcome is in this log only", error)
+                return
+            log.warning("writing the run's summary failed (%s); retrying in %.1f s", error,
+                        delay)
+            self._sleep(delay)
+            delay = min(delay * 2, 10.0)

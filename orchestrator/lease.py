@@ -192,22 +192,38 @@ class LeaseKeeper:
         import threading
 
         self._lease = lease
+        self._timeout_s = timeout_s
         self._interval_s = timeout_s / 3
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._renewed_at = time.monotonic()
         self.lost = ""
         self._thread = threading.Thread(target=self._loop, name="lease", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self._interval_s):
+        while not self._stop.wait(self._interval_s) and not self.lost:
+            self._renew()
+
+    def _renew(self) -> None:
+        with self._lock:
             try:
                 self._lease.renew()
+                self._renewed_at = time.monotonic()
             except LeaseLost as e:
                 self.lost = str(e)
-                return
             except Exception as e:  # noqa: BLE001 -- storage hiccup: try again next time
                 log.warning("renewing the run's lease failed (%s); retrying in %.0f s",
                             type(e).__name__, self._interval_s)
+
+    def check(self) -> str:
+        """Why this driver no longer holds the run ("" while it does). If the lease may
+        have lapsed (this process was frozen, or storage was away, for longer than the
+        timeout), renew now before anything else is decided: it is then either still ours,
+        or lost."""
+        if not self.lost and time.monotonic() - self._renewed_at > self._timeout_s * 0.8:
+            self._renew()
+        return self.lost
 
     def close(self, release: bool) -> None:
         self._stop.set()

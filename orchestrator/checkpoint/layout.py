@@ -19,6 +19,7 @@ CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 INVALID = "invalid.json"
 EVENTS = "events.jsonl"
+EVENTS_SEGMENTS = "events"
 SUMMARY = "summary.json"
 CHAOS = "chaos"
 LEASES = "lease"
@@ -66,6 +67,14 @@ class RunLayout:
     @property
     def events(self) -> tuple[str, ...]:
         return (self.run_name, EVENTS)
+
+    @property
+    def events_segments(self) -> tuple[str, ...]:
+        """The event log on object stores: numbered segments (events.py)."""
+        return (self.run_name, EVENTS_SEGMENTS)
+
+    def events_segment(self, index: int) -> tuple[str, ...]:
+        return (self.run_name, EVENTS_SEGMENTS, f"{index:09d}.jsonl")
 
     @property
     def summary(self) -> tuple[str, ...]:

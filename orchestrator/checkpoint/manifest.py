@@ -105,7 +105,7 @@ class Manifest:
             raise ManifestError(f"manifest.json is malformed: {e}") from e
 
 
-_DATA_DIR = re.compile(r"^(save-[A-Za-z0-9]{1,64})?$")
+_DATA_DIR = re.compile(r"^(save-[A-Za-z0-9_-]{1,64})?$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,200}$")
 
 
