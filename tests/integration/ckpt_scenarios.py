@@ -395,13 +395,13 @@ def restore_through_read_faults(rank, world, groups, url, match, failures):
     return {"first": first, "second": second, "events": events, "failed": faulty.failed}
 
 
-def with_s3_attempts(attempts: int, scenario, *args):
+def with_s3_attempts(rank, world, groups, attempts: int, scenario, *args):
     """Run `scenario` in this rank with botocore allowed `attempts` tries per S3 request
     (a persistent fault then shows in seconds, not minutes)."""
     from orchestrator.checkpoint import storage
 
     storage.S3_MAX_ATTEMPTS = attempts
-    return scenario(*args)
+    return scenario(rank, world, groups, *args)
 
 
 def restore_newest_through_faults(rank, world, groups, url):
