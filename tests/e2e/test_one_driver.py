@@ -132,9 +132,10 @@ def test_a_restarted_driver_continues_the_job_without_starting_it_over(
     job = driver(ray_cluster, storage, "cont", *start_over)
     try:
         # SIGKILL the driver once its job committed a checkpoint of its own (after 25).
+        poll_until(lambda: len(events_of(layout, "job_start")) == 2, 120, "the job's start")
+        started = events_of(layout, "job_start")[-1]["time"]
         poll_until(lambda: any(e["step"] >= 30 for e in events_of(layout, "checkpoint_committed")
-                               if e["time"] > events_of(layout, "job_start")[-1]["time"]),
-                   180, "the job's own checkpoint")
+                               if e["time"] > started), 180, "the job's own checkpoint")
         job.send_signal(signal.SIGKILL)
         job.wait(timeout=30)
     finally:
