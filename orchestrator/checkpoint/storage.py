@@ -172,13 +172,7 @@ class Storage:
         if not self.is_local:
             self.retry(lambda: self.fs.pipe_file(target, data), "write")
             return
-        folder = os.path.dirname(target)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(target)}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        folder, tmp = _durable_temp(target, data)
         os.replace(tmp, target)
         fsync_dir(folder)
 
@@ -199,13 +193,7 @@ class Storage:
                     return self.fs.cat_file(target) == data
                 except OSError:
                     return False
-        folder = os.path.dirname(target)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(target)}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        folder, tmp = _durable_temp(target, data)
         try:
             os.link(tmp, target)
         except FileExistsError:
@@ -263,6 +251,18 @@ def _mtime(info: dict[str, Any]) -> float | None:
     if value is None:
         return None
     return value.timestamp() if hasattr(value, "timestamp") else float(value)
+
+
+def _durable_temp(target: str, data: bytes) -> tuple[str, str]:
+    """`data` in a new temporary file beside `target`, fsynced: (folder, temporary path)."""
+    folder = os.path.dirname(target)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(target)}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return folder, tmp
 
 
 def fsync_dir(folder: str) -> None:
