@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
                                        "an embedded local Ray)")
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+    run.add_argument("--check", action="store_true",
+                     help="check the config, the workload's arguments and data, and the "
+                          "storage, then exit (0: it would start) without starting anything")
     ckpt_cli.add_parser(sub)
     data_cli.add_parser(sub)
     args = parser.parse_args(argv)
@@ -58,11 +61,19 @@ def _run(args: argparse.Namespace) -> int:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         config = load_config(args.config, args.overrides)
+        if config.run.storage.startswith("memory://"):
+            raise ConfigError("run.storage: memory:// lives in one process and the workers "
+                              "are others; give a local path, file:// or s3://")
         storage = Storage(config.run.storage_url)
         config = preflight(config, RunLayout(storage, config.run.name))
     except (ConfigError, StorageError, CheckpointError) as e:
         print(f"orchestrator: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if args.check:
+        print(f"orchestrator: {args.config or 'the default config'} is good: run "
+              f"{config.run.name!r} in {config.run.storage_url}, "
+              f"{config.scaling.num_workers} workers of {config.workload.entrypoint}")
+        return EXIT_OK
 
     from orchestrator.lease import Holder, LeaseHeld, RunLease
 
@@ -90,6 +101,13 @@ def _run(args: argparse.Namespace) -> int:
     else:
         # "local": always a new instance, even if `ray start` left a cluster on this machine.
         ray.init(address="local", include_dashboard=False)
+        short = _beyond_this_machine(config.scaling, ray.cluster_resources())
+        if short:
+            # An embedded Ray cannot grow: waiting out the placement timeout helps nobody.
+            ray.shutdown()
+            lease.release()
+            print(f"orchestrator: {short}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         driver = Driver(config, RayWorkerGroup(config), layout, lease=lease)
         result = driver.run()
@@ -102,6 +120,18 @@ def _run(args: argparse.Namespace) -> int:
           f"lost_steps={s['lost_steps']} goodput={s['goodput']:.2f} wall={s['wall_s']:.1f}s "
           f"final_checkpoint_step={s['final_checkpoint_step']}", file=stream)
     return EXIT_OK if result.succeeded else EXIT_FAILED
+
+
+def _beyond_this_machine(scaling, cluster: dict) -> str:
+    """Why even the smallest gang cannot be placed on this (embedded) cluster, or ''."""
+    for name, amount in scaling.resources_per_worker.items():
+        need = amount * scaling.smallest_world
+        if need > cluster.get(name, 0) + 1e-9:
+            return (f"scaling.num_workers: {scaling.smallest_world} workers of {amount:g} "
+                    f"{name} need {need:g} {name}, and the embedded Ray on this machine has "
+                    f"{cluster.get(name, 0):g}; use fewer workers, smaller "
+                    "scaling.resources_per_worker, or --address of a larger cluster")
+    return ""
 
 
 def preflight(config, layout):
@@ -127,10 +157,12 @@ def check_workload(workload):
     `preflight(args)` if it has one: it validates the arguments and the data they name, and
     may return them normalised (a relative data path made absolute, so that workers with
     another working directory agree on it). Its ValueErrors become a ConfigError: one line,
-    exit 2. Returns the workload config to run."""
+    exit 2. Arguments the module declares as a dataclass `ARGS` are checked before that
+    (orchestrator/workload_args.py). Returns the workload config to run."""
     import dataclasses
-
     import importlib
+
+    from orchestrator.workload_args import parse_args
 
     module_name, _, func = workload.entrypoint.partition(":")
     try:
@@ -142,6 +174,12 @@ def check_workload(workload):
     if not callable(getattr(module, func, None)):
         raise ConfigError(f"workload.entrypoint: module {module_name!r} has no function "
                           f"{func!r}")
+    declared = getattr(module, "ARGS", None)
+    if declared is not None:
+        if not dataclasses.is_dataclass(declared):
+            raise ConfigError(f"workload.entrypoint: {module_name}.ARGS must be a dataclass "
+                              "of the workload's arguments")
+        parse_args(declared, dict(workload.args))
     check = getattr(module, "preflight", None)
     if check is None:
         return workload
@@ -149,4 +187,8 @@ def check_workload(workload):
         args = check(dict(workload.args))
     except ValueError as e:
         raise ConfigError(" ".join(str(e).split())) from e
+    except Exception as e:  # noqa: BLE001 -- a workload's bug is still one line, not a traceback
+        reason = " ".join(str(e).split())[:300]
+        raise ConfigError(f"workload.args: {module_name}.preflight failed: "
+                          f"{type(e).__name__}: {reason}") from e
     return workload if args is None else dataclasses.replace(workload, args=args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import re
 import types
 import typing
@@ -16,19 +17,59 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from orchestrator.errors import ConfigError
+from orchestrator.yaml_input import parse_yaml, read_yaml_file
 
 # Storage schemes we support and test. Anything else is refused before the job starts rather
 # than failing minutes later inside a worker.
 STORAGE_SCHEMES = ("file", "s3", "memory")
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+# S3's own rule for bucket names (3-63 lower-case letters, digits, '.', '-').
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+MAX_WORKERS = 100_000
+"""More ranks than any cluster this runs on: a larger number is a typo, refused at once
+rather than waiting `scaling.placement_timeout_s` for a gang that cannot be placed."""
+MAX_SECONDS = 30 * 24 * 3600.0
+"""The longest duration a setting may take (30 days). Larger values overflow the waits they
+become (`threading.Event.wait` refuses them), so they are refused here instead."""
 
 
 def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
     if not ok:
-        raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
+        raise ConfigError(f"{key}: {_short(value)} is not allowed; {allowed}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _seconds(key: str, value: float, *, minimum: float = 0.0, zero_ok: bool = True) -> None:
+    ok = (math.isfinite(value) and minimum <= value <= MAX_SECONDS
+          and (zero_ok or value > 0))
+    low = f">= {minimum:g}" if zero_ok else f"> {minimum:g}"
+    _require(ok, key, f"it must be a number of seconds {low} and at most {MAX_SECONDS:g}",
+             value)
+
+
+def check_storage_url(url: str, key: str = "run.storage") -> None:
+    """A local path, or a URL of a scheme we support that names a place: `s3://` alone
+    would otherwise become a local folder named `s3:`."""
+    _require(isinstance(url, str) and url.strip() != "", key, "give a local path or a URL",
+             url)
+    if "://" not in url:
+        return
+    scheme, rest = url.split("://", 1)
+    _require(scheme in STORAGE_SCHEMES, key,
+             f"the URL scheme must be one of {', '.join(STORAGE_SCHEMES)}, "
+             "or give a local path", url)
+    if scheme == "s3":
+        bucket = rest.split("/", 1)[0]
+        _require(bool(_BUCKET.match(bucket)), key,
+                 "write it as s3://BUCKET/PREFIX with a valid bucket name", url)
+    else:
+        _require(rest.strip("/") != "", key, f"write it as {scheme}://PATH", url)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -43,21 +84,12 @@ class RunConfig:
     takes over at once if the dead one ran on its host, else once this has passed."""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.lease_timeout_s, (int, float))
-                 and not isinstance(self.lease_timeout_s, bool) and self.lease_timeout_s >= 1,
-                 "run.lease_timeout_s", "it must be a number of seconds >= 1",
-                 self.lease_timeout_s)
+        _seconds("run.lease_timeout_s", self.lease_timeout_s, minimum=1)
         _require(
             isinstance(self.name, str) and bool(_RUN_NAME.match(self.name)),
-            "run.name", "use letters, digits, '.', '_' and '-'", self.name,
+            "run.name", "use up to 128 letters, digits, '.', '_' and '-'", self.name,
         )
-        _require(isinstance(self.storage, str) and self.storage != "",
-                 "run.storage", "give a local path or a URL", self.storage)
-        if "://" in self.storage:
-            scheme = self.storage.split("://", 1)[0]
-            _require(scheme in STORAGE_SCHEMES, "run.storage",
-                     f"the URL scheme must be one of {', '.join(STORAGE_SCHEMES)}, "
-                     "or give a local path", self.storage)
+        check_storage_url(self.storage)
 
     @property
     def storage_url(self) -> str:
@@ -76,8 +108,10 @@ class WorkloadConfig:
 
     def __post_init__(self) -> None:
         module, sep, func = str(self.entrypoint).partition(":")
-        _require(bool(sep and module and func), "workload.entrypoint",
-                 "write it as 'module:function'", self.entrypoint)
+        _require(bool(sep and _MODULE.match(module) and func.isidentifier()),
+                 "workload.entrypoint",
+                 "write it as 'package.module:function' (absolute, no relative import)",
+                 self.entrypoint)
         try:
             found = importlib.util.find_spec(module) is not None
         except ModuleNotFoundError:  # a missing parent package
@@ -106,18 +140,19 @@ class ScalingConfig:
     0 means num_workers: no elasticity."""
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 1, "scaling.num_workers", "it must be at least 1",
-                 self.num_workers)
+        _require(1 <= self.num_workers <= MAX_WORKERS, "scaling.num_workers",
+                 f"it must be between 1 and {MAX_WORKERS}", self.num_workers)
         for name, amount in self.resources_per_worker.items():
-            _require(isinstance(amount, (int, float)) and amount >= 0,
-                     f"scaling.resources_per_worker.{name}", "it must be a number >= 0", amount)
+            _require(isinstance(amount, (int, float)) and not isinstance(amount, bool)
+                     and math.isfinite(amount) and 0 <= amount <= 1e6,
+                     f"scaling.resources_per_worker.{name}",
+                     "it must be a number between 0 and 1e6", amount)
         strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
         _require(self.placement_strategy in strategies, "scaling.placement_strategy",
                  f"use one of {', '.join(strategies)}", self.placement_strategy)
-        _require(self.placement_timeout_s > 0, "scaling.placement_timeout_s",
-                 "it must be > 0", self.placement_timeout_s)
-        _require(self.spare_workers >= 0, "scaling.spare_workers", "it must be >= 0",
-                 self.spare_workers)
+        _seconds("scaling.placement_timeout_s", self.placement_timeout_s, zero_ok=False)
+        _require(0 <= self.spare_workers <= MAX_WORKERS, "scaling.spare_workers",
+                 f"it must be between 0 and {MAX_WORKERS}", self.spare_workers)
         _require(0 <= self.min_workers <= self.num_workers, "scaling.min_workers",
                  f"it must be between 0 and scaling.num_workers={self.num_workers}",
                  self.min_workers)
@@ -174,8 +209,7 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         _require(self.interval_steps >= 0, "checkpoint.interval_steps", "it must be >= 0",
                  self.interval_steps)
-        _require(self.interval_s >= 0, "checkpoint.interval_s", "it must be >= 0",
-                 self.interval_s)
+        _seconds("checkpoint.interval_s", self.interval_s)
         _require(self.async_mode in ASYNC_MODES, "checkpoint.async_mode",
                  f"use one of {', '.join(ASYNC_MODES)}", self.async_mode)
         for key in ("keep_last", "keep_best", "keep_every"):
@@ -242,13 +276,14 @@ class FailureConfig:
                  self.crash_loop_limit)
         _require(self.backoff_multiplier >= 1, "failure.backoff_multiplier", "it must be >= 1",
                  self.backoff_multiplier)
+        _require(math.isfinite(self.backoff_multiplier) and self.backoff_multiplier <= 1000,
+                 "failure.backoff_multiplier", "it must be at most 1000",
+                 self.backoff_multiplier)
         for key in ("backoff_initial_s", "backoff_max_s", "backoff_reset_after_s"):
-            _require(getattr(self, key) >= 0, f"failure.{key}", "it must be >= 0",
-                     getattr(self, key))
+            _seconds(f"failure.{key}", getattr(self, key))
         for key in ("hang_timeout_s", "failure_grace_s", "drain_timeout_s",
                     "worker_start_timeout_s", "collective_timeout_s"):
-            value = getattr(self, key)
-            _require(value > 0, f"failure.{key}", "it must be > 0", value)
+            _seconds(f"failure.{key}", getattr(self, key), zero_ok=False)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -296,18 +331,7 @@ class JobConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
     """Read a YAML file (or start from defaults), apply `section.key=value` overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw: dict[str, Any] = read_yaml_file(path) if path is not None else {}
     for item in overrides:
         _apply_override(raw, item)
     return from_dict(JobConfig, raw)
@@ -315,14 +339,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Jo
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set {item!r}: write it as section.key=value")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key}: the value is not valid YAML") from e
-    node = raw
     parts = key.split(".")
+    if not sep or not all(parts):
+        raise ConfigError(f"--set {item!r}: write it as section.key=value")
+    value = parse_yaml(text, key, depth=len(parts)) if text.strip() else ""
+    node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
@@ -337,7 +358,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # keys of mixed types sort too
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
         raise ConfigError(f"unknown key '{key}'; allowed here: {', '.join(fields)}")
@@ -351,6 +372,10 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         raise ConfigError(f"{where}: {e}") from e
 
 
+_WORDS_FOR_BOOL = {"true": True, "yes": True, "on": True,
+                   "false": False, "no": False, "off": False}
+
+
 def _convert(hint: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
@@ -358,21 +383,26 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_short(value)}")
         return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         _, item = typing.get_args(hint)
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_short(value)}")
         return {str(k): _convert(item, v, f"{key}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         return value
     if hint is Any:
         return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if hint in (int, float) and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) >= 2**63:  # beyond what a tensor, a wait or another tool holds
+            raise ConfigError(f"{key}: {_short(value)} is out of range")
+        return float(value) if hint is float else value
+    if hint is bool and isinstance(value, str) and value.lower() in _WORDS_FOR_BOOL:
+        # YAML 1.2 reads `yes`/`off` as strings; say what the user meant.
+        return _WORDS_FOR_BOOL[value.lower()]
     if hint in (int, float, str, bool) and (
         not isinstance(value, hint) or (hint is not bool and isinstance(value, bool))
     ):
-        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {_short(value)}")
     return value

@@ -1,4 +1,4 @@
-"""What every workload shares: argument validation, wrapping for DDP/FSDP2, the step loop."""
+"""What every workload shares: argument parsing, wrapping for DDP/FSDP2, the step loop."""
 
 from __future__ import annotations
 
@@ -16,23 +16,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from orchestrator.context import TrainContext, TrainState
-
-
-def parse_args(cls: type, args: dict[str, Any]) -> Any:
-    """Build the workload's args dataclass; unknown names and wrong types are a ValueError."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(args) - names)
-    if unknown:
-        raise ValueError(f"workload.args.{unknown[0]} is not an argument of this workload; "
-                         f"allowed: {', '.join(sorted(names))}")
-    hints = typing.get_type_hints(cls)
-    accepted = {int: (int,), float: (int, float), str: (str,)}
-    for name, value in args.items():
-        kinds = accepted.get(hints[name])
-        if kinds and (not isinstance(value, kinds) or isinstance(value, bool)):
-            raise ValueError(f"workload.args.{name}: expected {hints[name].__name__}, "
-                             f"got {value!r}")
-    return cls(**args)
+from orchestrator.workload_args import parse_args  # noqa: F401 -- the workloads' one way to read args
 
 
 def wrap_for_parallelism(model: torch.nn.Module, shard_units: list[torch.nn.Module],

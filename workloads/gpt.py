@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,10 @@ from orchestrator.errors import ConfigError, DatasetError
 from workloads.activation_checkpointing import ACMode, apply_activation_checkpointing
 from workloads.common import global_mean, parse_args, seed_everything, train_loop, warmup_cosine, wrap_for_parallelism
 from workloads.data import token_batch
+
+
+MAX_PARAMETERS = 10**10
+"""A size that is a typo here rather than a model (it would not fit a host's memory)."""
 
 
 @dataclass(kw_only=True)
@@ -36,7 +41,7 @@ class GPTArgs:
     vocab_size: int = 64
     lr: float = 3e-3
     dropout: float = 0.0
-    parallelism: str = "ddp"
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
     """'ddp' or 'fsdp' (FSDP2, fully_shard per block)."""
     activation_checkpointing: str | dict = "none"
     """'none', 'full', 'every_n:N' and 'selective[:attention,matmul]': see
@@ -56,6 +61,10 @@ class GPTArgs:
         for name in ("steps", "n_layer", "n_embd", "n_head", "seq_len", "batch_size", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"workload.args.{name} must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"workload.args.lr must be > 0, not {self.lr}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"workload.args.dropout must be in [0, 1), not {self.dropout}")
         if self.data_check not in ("checksum", "size"):
             raise ValueError(f"workload.args.data_check: {self.data_check!r}; use 'checksum' "
                              "or 'size'")
@@ -67,6 +76,17 @@ class GPTArgs:
             raise ValueError(f"workload.args.n_embd={self.n_embd} must be divisible by "
                              f"n_head={self.n_head}")
         self.ac_mode = ACMode.parse(self.activation_checkpointing)
+        params = (12 * self.n_layer * self.n_embd ** 2
+                  + (self.vocab_size + self.seq_len) * self.n_embd)
+        if params > MAX_PARAMETERS:
+            raise ValueError(f"workload.args.n_layer={self.n_layer}, workload.args.n_embd="
+                             f"{self.n_embd} and workload.args.vocab_size={self.vocab_size} "
+                             f"make a model of {params:.2g} parameters; this workload trains "
+                             f"up to {MAX_PARAMETERS:.0g}")
+
+
+ARGS = GPTArgs
+"""The arguments `orchestrator run` checks before Ray starts (orchestrator/workload_args.py)."""
 
 
 class CausalSelfAttention(nn.Module):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -27,13 +28,17 @@ class MLPArgs:
     batch_size: int = 16
     """Global batch over all ranks; split evenly among them."""
     lr: float = 1e-2
-    parallelism: str = "ddp"
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
     step_time_s: float = 0.0
     """Extra sleep per step, to make a tiny model behave like a slower one in tests."""
     raise_at_step: int = 0
     hang_at_step: int = 0
     fault_ranks: list[int] = field(default_factory=list)
     fault_attempts: list[int] = field(default_factory=list)
+
+
+ARGS = MLPArgs
+"""The arguments `orchestrator run` checks before Ray starts (orchestrator/workload_args.py)."""
 
 
 def batch(seed: int, position: int, global_batch: int, rank: int, world_size: int):

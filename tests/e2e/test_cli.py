@@ -27,6 +27,9 @@ def orchestrator(*args: str, timeout_s: float = 300) -> subprocess.CompletedProc
     ("scaling.bogus=1", "scaling.bogus"),
     ("scaling.num_workers=0", "scaling.num_workers"),
     ("run.storage=gopher://host/runs", "run.storage"),
+    ("workload.args.n_layr=3", "workload.args.n_layr"),
+    ("workload.args.parallelism=tp", "workload.args.parallelism"),
+    ("checkpoint.async_mode=sometimes", "checkpoint.async_mode"),
 ])
 def test_bad_config_exits_2_with_one_line_and_starts_nothing(tmp_path, override, key):
     storage = tmp_path / "runs"
@@ -37,6 +40,19 @@ def test_bad_config_exits_2_with_one_line_and_starts_nothing(tmp_path, override,
     assert len(lines) == 1 and key in lines[0], proc.stderr
     assert "Ray" not in proc.stderr + proc.stdout  # no cluster was started or joined
     assert not storage.exists()  # nothing was written
+
+
+def test_a_gang_larger_than_the_embedded_ray_is_refused_at_once(tmp_path):
+    """The embedded Ray cannot grow: 64 one-CPU workers are exit 2 naming the key, not a
+    wait of scaling.placement_timeout_s for a gang that can never be placed."""
+    proc = orchestrator("run", "examples/gpt.yaml", "--set", f"run.storage={tmp_path}",
+                        "--set", "scaling.num_workers=64", timeout_s=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "orchestrator: scaling.num_workers: 64 workers of 1 CPU need 64 CPU" in proc.stderr
+    layout = RunLayout(Storage(str(tmp_path)), "demo")
+    assert events_of(layout) == []  # no driver started
+    from orchestrator.lease import RunLease
+    assert RunLease(layout, 30)._read(1).released  # and the next run is not kept waiting
 
 
 def test_missing_config_file_exits_2(tmp_path):
