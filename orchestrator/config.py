@@ -167,6 +167,7 @@ class ScalingConfig:
 
 
 ASYNC_MODES = ("off", "thread", "process")
+SAVE_ERROR_ACTIONS = ("continue", "stop")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -205,6 +206,15 @@ class CheckpointConfig:
     strict: bool = True
     """With `false`, keys missing from the checkpoint or not in the model are reported in
     an event instead of failing the restore."""
+    on_save_error: str = "continue"
+    """When a save fails for its storage (disk full, no permission, S3 errors after retries):
+    `continue` trains on and tries again at the next save; `stop` ends the attempt as a
+    `storage_error`, and the driver resumes from the latest committed checkpoint after a
+    back-off (budget: `failure.max_storage_errors`). Either way nothing is committed for that
+    step, its partial files are removed and earlier checkpoints are not touched."""
+    max_failed_saves: int = 3
+    """With `on_save_error: continue`, this many failed saves in a row stop the job: training
+    on without checkpoints would put every step since the last commit at risk."""
 
     def __post_init__(self) -> None:
         _require(self.interval_steps >= 0, "checkpoint.interval_steps", "it must be >= 0",
@@ -226,6 +236,10 @@ class CheckpointConfig:
             what = "checkpoint.keep_best" if self.keep_best else "checkpoint.restore"
             raise ConfigError(f"{what} needs checkpoint.best_metric: name the metric that "
                               "ranks checkpoints (e.g. loss)")
+        _require(self.on_save_error in SAVE_ERROR_ACTIONS, "checkpoint.on_save_error",
+                 f"use one of {', '.join(SAVE_ERROR_ACTIONS)}", self.on_save_error)
+        _require(self.max_failed_saves >= 1, "checkpoint.max_failed_saves", "it must be >= 1",
+                 self.max_failed_saves)
         _require(isinstance(self.restore_parts, list)
                  and all(isinstance(p, str) and p for p in self.restore_parts),
                  "checkpoint.restore_parts", "give a list of key prefixes", self.restore_parts)
@@ -242,6 +256,10 @@ class FailureConfig:
     failed start); one more stops the job."""
     max_user_errors: int = 3
     """Restarts allowed after exceptions raised by the workload; one more stops the job."""
+    max_storage_errors: int = 3
+    """Restarts allowed after the run's storage failed (a save under
+    `checkpoint.on_save_error: stop`, or no committed checkpoint readable at a restore);
+    one more stops the job."""
     crash_loop_limit: int = 3
     """The same user error (type, message, step) this many times in a row stops the job at
     once: a deterministic bug does not go away by restarting."""
@@ -269,7 +287,7 @@ class FailureConfig:
     """torch.distributed timeout for one collective; bounds how long a dead peer can block."""
 
     def __post_init__(self) -> None:
-        for key in ("max_restarts", "max_user_errors"):
+        for key in ("max_restarts", "max_user_errors", "max_storage_errors"):
             _require(getattr(self, key) >= 0, f"failure.{key}", "it must be >= 0",
                      getattr(self, key))
         _require(self.crash_loop_limit >= 1, "failure.crash_loop_limit", "it must be >= 1",

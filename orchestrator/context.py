@@ -203,5 +203,9 @@ class TrainContext:
         # A sync point, one small all-reduce a step: every rank must take the same decision
         # to checkpoint and stop, whichever rank got the notice or saw the clock run out.
         time_due = self._interval_s > 0 and now - self._last_save >= self._interval_s
-        stop, due = self._checkpoints.agree_max([int(self._stop.mode), int(time_due)])
+        stop, due, failed_save = self._checkpoints.agree_max(
+            [int(self._stop.mode), int(time_due), self._checkpoints.pending_failure])
         self._agreed_stop, self._agreed_time_due = StopMode(stop), bool(due)
+        # A background save that failed and calls for it ends the attempt on every rank at
+        # this same step (checkpoint.on_save_error).
+        self._checkpoints.raise_failure(failed_save)

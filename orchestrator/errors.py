@@ -19,6 +19,20 @@ class StorageError(OrchestratorError):
     """The run's storage cannot be read or written (missing bucket, no permission, full disk)."""
 
 
+class StorageFailure(StorageError):
+    """A save could not be written or committed because of its storage (ENOSPC, EACCES,
+    S3 errors after retries), or no committed checkpoint can be read at a restore.
+
+    Raised on every rank at the same step; the driver classifies it as a `storage_error`,
+    which has its own restart budget (`failure.max_storage_errors`).
+    """
+
+
+class SavesKeepFailing(StorageFailure):
+    """`checkpoint.max_failed_saves` saves in a row failed: the job stops rather than train
+    on with nothing committed."""
+
+
 class CheckpointError(OrchestratorError):
     """A checkpoint cannot be written or restored (already committed step, no valid checkpoint)."""
 

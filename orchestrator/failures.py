@@ -32,12 +32,21 @@ class FailureKind(str, enum.Enum):
     gone (a network fault)."""
     START_FAILED = "start_failed"
     """The gang could not be started or could not form its process group in time."""
+    STORAGE_ERROR = "storage_error"
+    """The run's storage failed: a save could not be written or committed (disk full, no
+    permission, S3 errors after retries), or no checkpoint could be read at a restore."""
     USER_ERROR = "user_error"
     """The workload raised an exception."""
 
     @property
     def is_infrastructure(self) -> bool:
         return self is not FailureKind.USER_ERROR
+
+
+# How the workers' StorageFailure errors are recognised in a RankResult (errors.py): by name,
+# since a worker's exception reaches the driver as data.
+STORAGE_ERROR_TYPES = ("StorageFailure", "SavesKeepFailing")
+FATAL_STORAGE_ERROR = "SavesKeepFailing"
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,9 @@ _PEER_LOST = re.compile(
 
 
 def is_peer_echo(result: RankResult) -> bool:
-    return not result.ok and not result.died and bool(_PEER_LOST.search(result.message))
+    return (not result.ok and not result.died
+            and result.error_type not in STORAGE_ERROR_TYPES  # S3's "connection reset" is ours
+            and bool(_PEER_LOST.search(result.message)))
 
 
 def classify(results: list[RankResult], attempt: int) -> list[Failure]:
@@ -107,6 +118,8 @@ def classify(results: list[RankResult], attempt: int) -> list[Failure]:
             return FailureKind.WORKER_DIED
         if is_peer_echo(r):
             return FailureKind.COMMUNICATION
+        if r.error_type in STORAGE_ERROR_TYPES:
+            return FailureKind.STORAGE_ERROR
         return FailureKind.USER_ERROR
 
     failed = [r for r in results if not r.ok]
@@ -133,6 +146,15 @@ class Incident:
         return all(f.kind is FailureKind.USER_ERROR for f in self.failures)
 
     @property
+    def budget(self) -> str:
+        """Which restart budget the incident spends: `user`, `storage` or `infrastructure`."""
+        if self.is_user_error:
+            return "user"
+        if any(f.kind is FailureKind.STORAGE_ERROR for f in self.failures):
+            return "storage"
+        return "infrastructure"
+
+    @property
     def signature(self) -> frozenset[tuple[str, str, int]]:
         """What makes two user errors 'the same': type, message and step of each rank's."""
         return frozenset((f.error_type, first_line(f.message), f.step) for f in self.failures)
@@ -155,12 +177,17 @@ class Decision:
 def decide(incidents: list[Incident], config: FailureConfig) -> Decision:
     """What to do after the latest incident; `incidents` is the run's history, oldest first.
 
-    Infrastructure failures and user errors have separate budgets; the same user error
-    `crash_loop_limit` times in a row stops the job at once, since restarting a deterministic
-    bug only burns the budget.
+    Infrastructure failures, storage errors and user errors have separate budgets; the same
+    user error `crash_loop_limit` times in a row stops the job at once, since restarting a
+    deterministic bug only burns the budget; `checkpoint.max_failed_saves` failed saves in a
+    row stop it at once too.
     """
     latest = incidents[-1]
     what = describe(list(latest.failures))
+    if any(f.error_type == FATAL_STORAGE_ERROR for f in latest.failures):
+        return Decision(Action.STOP, f"{what}; the job stops rather than train on without "
+                                     "checkpoints (raise checkpoint.max_failed_saves, or fix "
+                                     "the storage and run again to resume)")
     if latest.is_user_error:
         repeats = 0
         for incident in reversed(incidents):
@@ -172,12 +199,13 @@ def decide(incidents: list[Incident], config: FailureConfig) -> Decision:
                             f"{what}; the same error {repeats} times in a row is a crash loop "
                             f"(failure.crash_loop_limit={config.crash_loop_limit}): fix the "
                             f"workload, restarting will not help")
-        used = sum(1 for i in incidents if i.is_user_error)
-        budget, setting = config.max_user_errors, "failure.max_user_errors"
-    else:
-        used = sum(1 for i in incidents if not i.is_user_error)
-        budget, setting = config.max_restarts, "failure.max_restarts"
-    kind = "user error" if latest.is_user_error else "infrastructure failure"
+    budget, setting, kind = {
+        "user": (config.max_user_errors, "failure.max_user_errors", "user error"),
+        "storage": (config.max_storage_errors, "failure.max_storage_errors", "storage error"),
+        "infrastructure": (config.max_restarts, "failure.max_restarts",
+                           "infrastructure failure"),
+    }[latest.budget]
+    used = sum(1 for i in incidents if i.budget == latest.budget)
     if used > budget:
         return Decision(Action.STOP,
                         f"{what}; {kind} {used} exceeds {setting}={budget} "

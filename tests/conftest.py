@@ -77,3 +77,28 @@ def storage_url(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "storage")
     return request.getfixturevalue("s3_bucket") + "/storage"
+
+
+# --- a disk that really fills up ---------------------------------------------------------
+
+
+@pytest.fixture
+def mount_small_disk():
+    """`mount_small_disk(folder)` mounts a 16 MiB tmpfs of this test's own on `folder`
+    (created), so that filling it is a real ENOSPC from the kernel; unmounted at the end."""
+    import subprocess
+
+    mounted = []
+
+    def mount(folder) -> str:
+        os.makedirs(folder, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        mounted.append(str(folder))
+        return str(folder)
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", folder], check=False)

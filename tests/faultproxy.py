@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 _SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
               b'<Message>Please reduce your request rate.</Message></Error>')
+_ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                  b'<Message>Access Denied</Message></Error>')
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
 
 
@@ -32,7 +34,8 @@ class Rule:
     path: str = ""
     """A regular expression searched in the request path (with the query)."""
     action: str = "503"
-    """'503' (SlowDown) or 'drop' (close the connection, no answer)."""
+    """'503' (SlowDown), '403' (AccessDenied: a bucket policy that refuses the write) or
+    'drop' (close the connection, no answer)."""
     every: int = 1
     times: int = 1_000_000
     seen: int = 0
@@ -110,12 +113,13 @@ class FaultProxy:
                 pass
             return
         if rule is not None:
-            h.send_response(503)
+            status, body = (403, _ACCESS_DENIED) if rule.action == "403" else (503, _SLOW_DOWN)
+            h.send_response(status)
             h.send_header("Content-Type", "application/xml")
-            h.send_header("Content-Length", str(len(_SLOW_DOWN)))
+            h.send_header("Content-Length", str(len(body)))
             h.end_headers()
             if h.command != "HEAD":
-                h.wfile.write(_SLOW_DOWN)
+                h.wfile.write(body)
             return
         conn = http.client.HTTPConnection(self._host, self._port, timeout=60)
         try:

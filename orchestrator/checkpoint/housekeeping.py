@@ -98,6 +98,24 @@ def mark_invalid(layout: RunLayout, step: int, problems: list[str]) -> None:
     layout.storage.write_atomic(json.dumps(body, indent=1).encode(), *layout.invalid_marker(step))
 
 
+def remove_failed_save(layout: RunLayout, step: int, data_dir: str) -> str:
+    """Remove what a failed save of `step` wrote into its folder `data_dir`; say what was
+    done. Never touches a committed checkpoint: if a manifest names `data_dir`, the commit
+    went through after all (an answer lost after the write) and it stays. What cannot be
+    removed now (the storage is failing) is left for the next job start or `ckpt gc`."""
+    storage = layout.storage
+    try:
+        if storage.exists(*layout.manifest(step)):
+            if commit.read_manifest(layout, step).data_dir == data_dir:
+                return "kept: its manifest was written after all"
+            storage.remove_tree(*layout.data_dir(step, data_dir))
+        else:
+            storage.remove_tree(*layout.step_dir(step))
+        return "removed"
+    except (ManifestError, OSError) as e:
+        return f"left for the next start or ckpt gc ({type(e).__name__})"
+
+
 @dataclass(frozen=True)
 class Debris:
     parts: tuple[str, ...]

@@ -16,8 +16,12 @@ Saves (`checkpoint.async_mode`):
   process  as thread, but a child process per worker writes (save_process.py), so the
            serialisation does not compete with training for the GIL.
 At most one save is in flight: the next waits for it (an event says how long). The manifest
-is written only after every rank reports its write finished. A failed background save is a
-`checkpoint_failed` event and leaves that step uncommitted.
+is written only after every rank reports its write finished.
+
+A save that fails for its storage (save_failures.py) commits nothing, in either mode: every
+rank learns the same outcome, a `checkpoint_failed` event says why, its partial files are
+removed, and `checkpoint.on_save_error` decides whether training goes on. Ranks raise the
+resulting StorageFailure at the same step (agreed in `agree_max`, each step).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import random
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -47,12 +52,13 @@ from orchestrator.checkpoint.layout import SAVE_DIR_PREFIX, RunLayout
 from orchestrator.checkpoint.manifest import FileEntry, Manifest, ManifestError
 from orchestrator.checkpoint.safe_load import SafeLoadPlanner, is_refusal, legacy_rng_state
 from orchestrator.checkpoint.selection import RestorePlan
+from orchestrator.checkpoint.save_failures import AfterFailedSave, after_failed_save, explain, is_storage_error
 from orchestrator.checkpoint.save_process import SaveProcess, SaveRequest
 from orchestrator.checkpoint.snapshot import Snapshot, Snapshotter, StepGate, optimizers_in, plain_state
 from orchestrator.checkpoint.writer import hashing_writer, reader
 from orchestrator.config import CheckpointConfig
 from orchestrator.lease import current_generation
-from orchestrator.errors import CheckpointError
+from orchestrator.errors import CheckpointError, SavesKeepFailing, StorageError, StorageFailure
 
 Emit = Callable[..., None]
 log = logging.getLogger(__name__)
@@ -177,6 +183,12 @@ class CheckpointManager:
                 lambda port: self._broadcast_int(port, self._save_group))
             starter.shutdown(wait=False)
         self._replaced_later: dict[int, list[int]] = {}
+        # Failed saves: counted on every rank alike (each save's outcome is agreed); set by
+        # whichever thread ran the save, read by the training thread.
+        self._lock = threading.Lock()
+        self._failed_in_row = 0
+        self._last_failure = ""
+        self._pending = AfterFailedSave.CONTINUE
         self.stall_s = 0.0
         """Time the training thread spent blocked on checkpoint saves, in total."""
 
@@ -189,6 +201,7 @@ class CheckpointManager:
         the checkpoint is marked invalid) and the next one is tried; so is one that holds
         something other than tensors and plain data (`checkpoint_refused`: never loaded).
         """
+        cannot_read: list[str] = []
         for step in plan.candidates:
             t0 = time.monotonic()
             manifest, mismatched, unreadable = self._verify(step)
@@ -202,6 +215,7 @@ class CheckpointManager:
                     log.warning("checkpoint of step %d cannot be read now, trying an older "
                                 "one: %s", step, "; ".join(unreadable))
                     self._emit("checkpoint_unreadable", step=step, problems=unreadable)
+                cannot_read.append(f"step {step}: {unreadable[0]}")
                 continue
             verify_s = time.monotonic() - t0
             refused = self._load_or_refuse(step, manifest, state, plan)
@@ -219,6 +233,11 @@ class CheckpointManager:
                            verify_s=round(verify_s, 3),
                            load_s=round(time.monotonic() - t0 - verify_s, 3))
             return step
+        if cannot_read:
+            # Starting from scratch beside checkpoints that may be good would lose them all:
+            # a storage failure, retried by the driver (its own budget) once storage is back.
+            raise StorageFailure(f"no committed checkpoint can be read now ({'; '.join(cannot_read[:3])}); "
+                                 "retrying from the latest when the storage answers")
         if plan.required:
             raise CheckpointError(
                 f"checkpoint.restore: none of steps {plan.candidates} in "
@@ -308,13 +327,18 @@ class CheckpointManager:
         """Save `state` as the checkpoint of `step`: at once (off), or start it (async)."""
         t0 = time.monotonic()
         self._wait_in_flight(step)
-        data_dir = self._prepare(step)
+        # Every rank has now seen the previous save's outcome: act on it before this one.
+        self.raise_failure(self._pending)
+        data_dir, unusable = self._prepare(step)
         metrics = {k: float(v) for k, v in metrics.items()}
-        if self._mode == "off":
-            if self._write_and_commit(step, data_dir, self._with_rng(state), metrics,
-                                      self._group, started=t0):
+        if unusable or self._mode == "off":
+            error = unusable or self._write_and_commit(step, data_dir, self._with_rng(state),
+                                                       metrics, self._group, started=t0)
+            self._after_save(step, data_dir, error)
+            if not error:
                 self._background.submit(self._housekeeping, step)
             self.stall_s += time.monotonic() - t0
+            self.raise_failure(self._pending)  # every rank knows the outcome: raise now
             return
         snap = self._snapshotter.take(self._with_rng(state))
         self._gate.hook(optimizers_in(state))
@@ -334,9 +358,33 @@ class CheckpointManager:
         self._background.submit(lambda: None).result()
 
     def finish(self) -> None:
-        """The attempt ended well: wait for the save in flight and the housekeeping."""
+        """The attempt ended well: wait for the save in flight and the housekeeping. If the
+        last save failed, the run has not got its final checkpoint: a StorageFailure, so the
+        driver resumes from the latest commit instead of reporting success."""
         self.settle()
         self.close()
+        self.raise_failure(self._pending)
+        with self._lock:
+            last = self._last_failure if self._failed_in_row else ""
+        if last:
+            raise StorageFailure(f"{last}; it was the last save, so the run resumes from the "
+                                 "latest committed checkpoint")
+
+    @property
+    def pending_failure(self) -> int:
+        """What this rank's failed saves call for (an AfterFailedSave), for the ranks to
+        agree on in `agree_max` before any of them acts."""
+        with self._lock:
+            return int(self._pending)
+
+    def raise_failure(self, agreed: int) -> None:
+        """Raise what the ranks agreed a failed save calls for; nothing for CONTINUE."""
+        action = AfterFailedSave(agreed)
+        if action is AfterFailedSave.CONTINUE:
+            return
+        with self._lock:
+            why = self._last_failure or "a save failed (as another rank saw it)"
+        raise (SavesKeepFailing if action is AfterFailedSave.STOP else StorageFailure)(why)
 
     def close(self, timeout_s: float | None = None) -> None:
         """Let go of the background thread and writer process; wait at most `timeout_s` for a
@@ -366,27 +414,34 @@ class CheckpointManager:
     def _on_gate_wait(self, waited_s: float) -> None:
         self.stall_s += waited_s
 
-    def _prepare(self, step: int) -> str:
-        """Rank 0 decides whether `step` may be saved and names the new save folder."""
-        error, data_dir = None, f"{SAVE_DIR_PREFIX}{uuid.uuid4().hex[:12]}"
+    def _prepare(self, step: int) -> tuple[str, str]:
+        """Rank 0 decides whether `step` may be saved and names the new save folder:
+        (folder, why the storage cannot take the save now, or "")."""
+        error, unusable, data_dir = None, "", f"{SAVE_DIR_PREFIX}{uuid.uuid4().hex[:12]}"
         if self._rank == 0:
-            error = housekeeping.refuse_save(self._layout, step, self._config.overwrite)
-            # Listed now, before this save starts, so that the deletion after its commit can
-            # only ever hit checkpoints of an abandoned timeline, never a later save.
-            self._replaced_later[step] = (housekeeping.later_steps(self._layout, step)
-                                          if self._config.overwrite and not error else [])
-        box = [error, data_dir]
+            try:
+                error = housekeeping.refuse_save(self._layout, step, self._config.overwrite)
+                # Listed now, before this save starts, so that the deletion after its commit
+                # can only ever hit checkpoints of an abandoned timeline, never a later save.
+                self._replaced_later[step] = (housekeeping.later_steps(self._layout, step)
+                                              if self._config.overwrite and not error else [])
+            except OSError as e:
+                unusable = f"rank 0: listing the checkpoints: {describe_error(e)}"
+        box = [error, unusable, data_dir]
         dist.broadcast_object_list(box, src=0, group=self._group)
         if box[0]:
             raise CheckpointError(box[0])
-        return box[1]
+        return box[2], box[1]
 
     def _save_in_background(self, step: int, data_dir: str, snap: Snapshot,
                             metrics: dict[str, float], started: float) -> None:
         try:
             snap.copy_deferred()
-            if self._write_and_commit(step, data_dir, snap.state, metrics, self._save_group,
-                                      started=started, copy_s=snap.copy_s):
+            error = self._write_and_commit(step, data_dir, snap.state, metrics,
+                                           self._save_group, started=started,
+                                           copy_s=snap.copy_s)
+            self._after_save(step, data_dir, error)
+            if not error:
                 self._housekeeping(step)
         except BaseException as e:  # noqa: BLE001 -- a background save must never vanish
             log.exception("background save of step %d failed", step)
@@ -394,27 +449,40 @@ class CheckpointManager:
 
     def _write_and_commit(self, step: int, data_dir: str, state: dict[str, Any],
                           metrics: dict[str, float], group: dist.ProcessGroup, *,
-                          started: float, copy_s: float = 0.0) -> bool:
-        """Write, gather every rank's checksums, and (rank 0) commit. True where this
-        process committed the checkpoint."""
+                          started: float, copy_s: float = 0.0) -> str:
+        """Write, gather every rank's checksums, and (rank 0) commit. Every rank returns the
+        same answer: "" when the checkpoint committed, else why it did not (a storage
+        failure). Anything else (a bug, the fence) raises."""
         error, written = "", {}
         try:
             written = self._write(step, data_dir, state, group)
         except BaseException as e:  # noqa: BLE001 -- gathered below, so every rank knows
-            if self._mode == "off":
-                raise
-            error = f"rank {self._rank}: {describe_error(e)}"
+            if self._mode == "off" and not is_storage_error(e):
+                raise  # a bug in the workload's state, as ever a user_error
+            # DCP's CheckpointException already names every rank's error.
+            error = (describe_error(e) if isinstance(e, CheckpointException)
+                     else f"rank {self._rank}: {describe_error(e)}")
         written_s = time.monotonic() - started
         self._faults.on_shards_written(step)
         shares: list[Any] = [None] * self._world_size
         dist.all_gather_object(shares, (written, error), group=group)
-        errors = [e for _, e in shares if e]
-        if errors:
-            if self._rank == 0:
-                self._emit("checkpoint_failed", step=step, errors=errors)
-            return False
-        if self._rank != 0:
-            return False
+        outcome = ["; ".join(dict.fromkeys(e for _, e in shares if e))]  # each error once
+        if not outcome[0] and self._rank == 0:
+            try:
+                self._commit(step, data_dir, shares, metrics, started, written_s, copy_s)
+            except _Fenced as e:
+                outcome = [f"{_FENCED}{e}"]
+            except Exception as e:  # noqa: BLE001 -- told to every rank just below
+                outcome = [f"rank 0: committing: {describe_error(e)}"]
+        # The commit's outcome, from rank 0: every rank counts failed saves alike.
+        dist.broadcast_object_list(outcome, src=0, group=group)
+        if outcome[0].startswith(_FENCED):
+            raise CheckpointError(outcome[0][len(_FENCED):])
+        return outcome[0]
+
+    def _commit(self, step: int, data_dir: str, shares: list[Any], metrics: dict[str, float],
+                started: float, written_s: float, copy_s: float) -> None:
+        """Rank 0: check the files, check the fence, write the manifest."""
         files: dict[str, FileEntry] = {}
         for share, _ in shares:
             files.update(share)
@@ -432,14 +500,34 @@ class CheckpointManager:
             if newest != self._fencing_token:
                 self._emit("checkpoint_fenced", step=step, fencing_token=self._fencing_token,
                            lease_generation=newest)
-                raise CheckpointError(
+                raise _Fenced(
                     f"step {step} not committed: this job's lease (generation "
                     f"{self._fencing_token}) was taken over by generation {newest}")
         commit.write_manifest(self._layout, manifest)
         self._emit("checkpoint_committed", step=step, bytes=manifest.total_bytes,
                    mode=self._mode, copy_s=round(copy_s, 3), write_s=round(written_s, 3),
                    total_s=round(time.monotonic() - started, 3))
-        return True
+
+    def _after_save(self, step: int, data_dir: str, error: str) -> None:
+        """Count a save's outcome (the same on every rank); for a failed one, say so, remove
+        its files and decide what it calls for (save_failures.py)."""
+        with self._lock:
+            if not error:
+                self._failed_in_row, self._last_failure = 0, ""
+                return
+            self._failed_in_row += 1
+            failed_in_row = self._failed_in_row
+        action = after_failed_save(failed_in_row, self._config)
+        why = explain(action, step, failed_in_row, error, self._config)
+        if self._rank == 0:
+            log.error("%s", why)
+            cleanup = housekeeping.remove_failed_save(self._layout, step, data_dir)
+            self._emit("checkpoint_failed", step=step, errors=[error],
+                       failure_kind="storage_error", failed_in_row=failed_in_row,
+                       then=action.name.lower(), partial_files=cleanup)
+        with self._lock:
+            self._last_failure = why
+            self._pending = max(self._pending, action)
 
     def _write(self, step: int, data_dir: str, state: dict[str, Any],
                group: dist.ProcessGroup) -> dict[str, FileEntry]:
@@ -467,7 +555,7 @@ class CheckpointManager:
             # Another rank wrote a file this rank cannot see: their storage is not shared
             # (a local path on a multi-node cluster). A manifest without it would verify and
             # restore without that rank's shards.
-            raise CheckpointError(
+            raise StorageError(
                 f"step {step} not committed: rank 0 cannot see {_few(unseen)}, which other "
                 f"ranks wrote to {self._layout.storage.url}; every rank must reach the same "
                 "storage (use S3 or a shared filesystem for run.storage)")
@@ -504,6 +592,13 @@ class CheckpointManager:
 
     def _with_rng(self, state: dict[str, Any], legacy: bool = False) -> dict[str, Any]:
         return {**state, f"{_RNG_PREFIX}{self._rank}": RankRng(legacy)}
+
+
+class _Fenced(CheckpointError):
+    """This job's lease was taken over: its workers must not commit (lease.py)."""
+
+
+_FENCED = "fenced: "
 
 
 def describe_error(e: BaseException) -> str:

@@ -411,3 +411,88 @@ def restore_newest_through_faults(rank, world, groups, url):
     first = manager.restore({"train": Trainer(rank, world).state},
                             RestorePlan(candidates=_committed(url)))
     return {"first": first, "events": events}
+
+
+# --- saves on a failing storage ------------------------------------------------------------
+
+SAVE_STEPS = (2, 4, 6, 8)
+
+
+def fill_disk(folder: str) -> str:
+    """Fill the filesystem holding `folder` to the last byte (a real ENOSPC from the
+    kernel for whoever writes next); returns the filler's path."""
+    import errno
+    import os
+
+    path = os.path.join(folder, "filler")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for size in (1 << 20, 4096, 1):  # big chunks, then the last bytes
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+    finally:
+        os.close(fd)
+    return path
+
+
+def saves_on_failing_storage(rank, world, groups, url, cfg, fail_steps, fill_dir=""):
+    """Train steps 1..8, saving at 2, 4, 6 and 8, where the saves of `fail_steps` meet a
+    failing storage: a full disk (rank 0 fills `fill_dir`'s filesystem before them and frees
+    it after) or whatever the proxy answers. The end of each step does what TrainContext's
+    report does (the ranks agree on what a failed save calls for). A StorageFailure the
+    manager raises ends the loop and is returned as data, with what storage holds then."""
+    import os
+
+    import torch.distributed as dist
+
+    from orchestrator.checkpoint import commit
+    from orchestrator.errors import StorageFailure
+
+    layout = RunLayout(Storage(url), RUN)
+    events: list[dict] = []
+    manager = make_manager(rank, world, groups, url, cfg, events)
+    trainer = Trainer(rank, world)
+    seen: dict[str, Any] = {"raised": None, "models": {}}
+    filler = ""
+
+    def step2_files() -> dict[str, bytes]:
+        manifest = commit.read_manifest(layout, 2)
+        folder = layout.data_dir(2, manifest.data_dir)
+        return {"manifest": layout.storage.read_bytes(*layout.manifest(2)),
+                **{n: layout.storage.read_bytes(*folder, n) for n in manifest.files}}
+
+    try:
+        for step in range(1, 9):
+            trainer.step(step)
+            (failed,) = manager.agree_max([manager.pending_failure])
+            manager.raise_failure(failed)
+            if step not in SAVE_STEPS:
+                continue
+            if fill_dir:
+                manager.wait()  # the fault starts and ends between saves, not inside one
+                if rank == 0 and step in fail_steps and not filler:
+                    filler = fill_disk(fill_dir)
+                elif rank == 0 and step not in fail_steps and filler:
+                    os.remove(filler)
+                    filler = ""
+                dist.barrier()
+            manager.save(step, {"train": trainer.state}, {})
+            seen["models"][step] = trainer.model_tensors()
+            if step == 2:
+                manager.wait()
+                seen["step2_before"] = step2_files() if rank == 0 else None
+        manager.finish()
+    except StorageFailure as e:
+        seen["raised"] = (type(e).__name__, str(e), trainer.state.step)
+        manager.close(timeout_s=30)
+    if filler:
+        os.remove(filler)
+    dist.barrier()
+    seen["events"] = events
+    seen["committed"] = _committed(url)
+    seen["step_dirs"] = sorted(layout.step_dirs())
+    seen["step2_after"] = step2_files() if rank == 0 else None
+    return seen

@@ -24,6 +24,11 @@ class FakeCheckpoints:
     def wait(self) -> None:
         pass
 
+    pending_failure = 0
+
+    def raise_failure(self, agreed: int) -> None:
+        assert agreed == 0
+
 
 class NoFaults:
     def on_step_end(self, step: int) -> None:

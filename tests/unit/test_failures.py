@@ -132,3 +132,39 @@ def test_backoff_grows_for_failures_in_a_row_and_resets_after_sustained_progress
 def test_echoes_alone_are_a_communication_failure_not_the_users_fault():
     failures = classify([raised(0, "RuntimeError: [gloo] Connection reset by peer")], attempt=0)
     assert failures[0].kind is FailureKind.COMMUNICATION and failures[0].kind.is_infrastructure
+
+
+# --- storage errors ------------------------------------------------------------------------------
+
+def storage(rank, message="the save of step 8 failed: OSError: [Errno 28] No space left",
+            error_type="StorageFailure"):
+    return raised(rank, message=message, error_type=error_type)
+
+
+def test_a_failed_save_is_a_storage_error_not_the_users_fault_nor_an_echo():
+    # S3's own "Connection reset by peer" inside a storage error is not a peer's echo.
+    results = [storage(0, "the save failed: Connection reset by peer"), storage(1)]
+    assert {f.kind for f in classify(results, 0)} == {FailureKind.STORAGE_ERROR}
+    assert not incident(results).is_user_error and incident(results).budget == "storage"
+
+
+def test_storage_errors_have_their_own_budget_naming_it():
+    config = FailureConfig(max_restarts=5, max_user_errors=5, max_storage_errors=1)
+    history = [incident([died(0)], 0), incident([storage(0), storage(1)], 1)]
+    decision = decide(history, config)
+    assert decision.action is Action.RESTART
+    assert "storage error 1 of 1 allowed (failure.max_storage_errors)" in decision.reason
+    history.append(incident([storage(0)], 2))
+    decision = decide(history, config)
+    assert decision.action is Action.STOP and "failure.max_storage_errors=1" in decision.reason
+    # ...and spending it leaves the infrastructure budget alone.
+    assert decide(history[:1], config).action is Action.RESTART
+
+
+def test_saves_that_keep_failing_stop_the_job_at_once_naming_the_setting():
+    message = "2 saves in a row failed (checkpoint.max_failed_saves=2)"
+    history = [incident([storage(0, message, "SavesKeepFailing"),
+                         storage(1, message, "SavesKeepFailing")])]
+    decision = decide(history, FailureConfig(max_storage_errors=10))
+    assert decision.action is Action.STOP
+    assert "checkpoint.max_failed_saves=2" in decision.reason
