@@ -57,7 +57,8 @@ def test_a_full_disk_fails_the_save_commits_nothing_and_training_goes_on(tiny_di
     assert all(torch.equal(final[k], rank0["models"][8][k]) for k in final)
 
 
-@pytest.mark.parametrize("mode", ["off", "thread"])
+# Sync mode end to end: tests/e2e/test_storage_errors.py.
+@pytest.mark.parametrize("mode", ["thread"])
 def test_max_failed_saves_in_a_row_stop_the_job_naming_the_setting(tiny_disk, tmp_path, mode):
     url = os.path.join(tiny_disk, "storage")
     results = run_gang(sc.saves_on_failing_storage, 2, url,
@@ -98,7 +99,7 @@ def proxy(s3_server):
         yield p
 
 
-@pytest.mark.parametrize("action, mode", [("403", "off"), ("403", "process"), ("503", "thread")])
+@pytest.mark.parametrize("action, mode", [("403", "off"), ("503", "thread")])
 def test_s3_refusing_a_save_commits_nothing_and_training_goes_on(s3_bucket, proxy, tmp_path,
                                                                  action, mode):
     """Every write of step 4 is refused (403: a bucket policy) or throttled past the retries
