@@ -119,7 +119,9 @@ def _run(args: argparse.Namespace) -> int:
     print(f"orchestrator: steps={s['steps_completed']} restarts={s['restarts']} "
           f"lost_steps={s['lost_steps']} goodput={s['goodput']:.2f} wall={s['wall_s']:.1f}s "
           f"final_checkpoint_step={s['final_checkpoint_step']}", file=stream)
-    return EXIT_OK if result.succeeded else EXIT_FAILED
+    if result.succeeded:
+        return EXIT_OK
+    return EXIT_USAGE if result.config_error else EXIT_FAILED
 
 
 def _beyond_this_machine(scaling, cluster: dict) -> str:

@@ -77,7 +77,10 @@ class RunConfig:
     name: str = "demo"
     """Name of the run; a second `orchestrator run` with the same name and storage resumes it."""
     storage: str = "./runs"
-    """Where checkpoints and the event log go: a local path or an fsspec URL (file://, s3://)."""
+    """Where checkpoints and the event log go: a local path or an fsspec URL (file://, s3://).
+    Every rank must reach the same storage (S3, or a filesystem shared by every node): the
+    workers check this at the start of each attempt. A local path may name environment
+    variables ($VAR, ${VAR}); each process expands them in its own environment."""
     lease_timeout_s: float = 30.0
     """The driver holds the run through a lease in its storage, renewed every third of this;
     a second driver of the run is refused while it is held. After a driver dies, the next one
@@ -93,8 +96,9 @@ class RunConfig:
 
     @property
     def storage_url(self) -> str:
-        """The storage as an absolute URL or path, so workers on other cwd's agree on it."""
-        if "://" in self.storage:
+        """The storage as an absolute URL or path, so workers on other cwd's agree on it.
+        Environment variables stay as written: each process expands them (Storage)."""
+        if "://" in self.storage or "$" in self.storage:
             return self.storage.rstrip("/")
         return str(Path(self.storage).expanduser().resolve())
 

@@ -24,6 +24,7 @@ from orchestrator.checkpoint.commit import committed_checkpoints
 from orchestrator.checkpoint.housekeeping import find_debris, mark_invalid, remove_debris
 from orchestrator.checkpoint.selection import plan_restore
 from orchestrator.checkpoint.layout import RunLayout
+from orchestrator.checkpoint.storage_probe import write_driver_probe
 from orchestrator.config import JobConfig
 from orchestrator.errors import CheckpointError, PlacementError
 from orchestrator.events import EventLog, Goodput
@@ -96,6 +97,8 @@ class Succeeded:
 @dataclass(frozen=True)
 class Failed:
     reason: str
+    config_error: bool = False
+    """The configuration cannot work on this cluster (the CLI exits 2)."""
     terminal = True
 
 
@@ -107,6 +110,8 @@ class JobResult:
     succeeded: bool
     message: str
     summary: dict
+    config_error: bool = False
+    """It failed because of its configuration, found only once the workers ran (exit 2)."""
 
 
 class Driver:
@@ -257,7 +262,8 @@ class Driver:
             parallelism=str(cfg.workload.args.get("parallelism", "ddp")),
             checkpoint=cfg.checkpoint, restore=plan,
             faults=pending_faults(cfg.chaos, self._layout), job_id=self.job_id,
-            fencing_token=self._lease.generation if self._lease else 0))
+            fencing_token=self._lease.generation if self._lease else 0,
+            storage_probe=write_driver_probe(self._layout)))
         now = self._monotonic()
         self._progress = ProgressWatch(range(len(infos)), now, cfg.failure.hang_timeout_s)
         self._stop_requested = set()
@@ -413,7 +419,8 @@ class Driver:
                          delay_s=decision.delay_s, attempt=attempt,
                          progress_s=round(progress_s, 3))
         if decision.action is Action.STOP:
-            self._set_state(Failed(reason=self._stop_message(decision.reason)))
+            self._set_state(Failed(reason=self._stop_message(decision.reason),
+                                   config_error=decision.config_error))
             return
         lost = frozenset(f.rank for f in failures if f.kind in _LOST_KINDS)
         self._set_state(Recovering(attempt=attempt, lost=lost, delay_s=decision.delay_s,
@@ -456,7 +463,8 @@ class Driver:
             summary["error"] = message
         self.events.emit("job_end", status=summary["status"], message=message.splitlines()[0])
         self._write_when_storage_answers(json.dumps(summary, indent=1).encode())
-        return JobResult(succeeded=succeeded, message=message, summary=summary)
+        return JobResult(succeeded=succeeded, message=message, summary=summary,
+                         config_error=isinstance(self.state, Failed) and self.state.config_error)
 
     def _write_when_storage_answers(self, summary: bytes) -> None:
         """The summary and the rest of the event log, retried (storage may be away for a

@@ -33,6 +33,12 @@ class SavesKeepFailing(StorageFailure):
     on with nothing committed."""
 
 
+class StorageNotShared(StorageError):
+    """The ranks do not all reach the same storage: a local `run.storage` on a multi-node
+    cluster, where each node writes to its own disk. Found by the workers' start-up probe
+    (checkpoint/storage_probe.py); the job stops at once with exit 2, like a bad config."""
+
+
 class CheckpointError(OrchestratorError):
     """A checkpoint cannot be written or restored (already committed step, no valid checkpoint)."""
 

@@ -35,6 +35,9 @@ class FailureKind(str, enum.Enum):
     STORAGE_ERROR = "storage_error"
     """The run's storage failed: a save could not be written or committed (disk full, no
     permission, S3 errors after retries), or no checkpoint could be read at a restore."""
+    CONFIG_ERROR = "config_error"
+    """The job's configuration cannot work on this cluster, as only the workers can see
+    (a local run.storage on several nodes): the job stops at once, exit 2."""
     USER_ERROR = "user_error"
     """The workload raised an exception."""
 
@@ -47,6 +50,7 @@ class FailureKind(str, enum.Enum):
 # since a worker's exception reaches the driver as data.
 STORAGE_ERROR_TYPES = ("StorageFailure", "SavesKeepFailing")
 FATAL_STORAGE_ERROR = "SavesKeepFailing"
+CONFIG_ERROR_TYPES = ("StorageNotShared", "ConfigError")
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ _PEER_LOST = re.compile(
 def is_peer_echo(result: RankResult) -> bool:
     return (not result.ok and not result.died
             and result.error_type not in STORAGE_ERROR_TYPES  # S3's "connection reset" is ours
+            and result.error_type not in CONFIG_ERROR_TYPES
             and bool(_PEER_LOST.search(result.message)))
 
 
@@ -120,6 +125,8 @@ def classify(results: list[RankResult], attempt: int) -> list[Failure]:
             return FailureKind.COMMUNICATION
         if r.error_type in STORAGE_ERROR_TYPES:
             return FailureKind.STORAGE_ERROR
+        if r.error_type in CONFIG_ERROR_TYPES:
+            return FailureKind.CONFIG_ERROR
         return FailureKind.USER_ERROR
 
     failed = [r for r in results if not r.ok]
@@ -172,6 +179,9 @@ class Decision:
     """The numbers behind the decision, for the log ("restart 2 of 3 allowed")."""
     delay_s: float = 0.0
     """Back-off before the restart."""
+    config_error: bool = False
+    """The stop is the configuration's fault, not the run's: the CLI exits 2, as for a bad
+    config found before the start."""
 
 
 def decide(incidents: list[Incident], config: FailureConfig) -> Decision:
@@ -180,10 +190,13 @@ def decide(incidents: list[Incident], config: FailureConfig) -> Decision:
     Infrastructure failures, storage errors and user errors have separate budgets; the same
     user error `crash_loop_limit` times in a row stops the job at once, since restarting a
     deterministic bug only burns the budget; `checkpoint.max_failed_saves` failed saves in a
-    row stop it at once too.
+    row stop it at once too, and so does a configuration the workers found cannot work.
     """
     latest = incidents[-1]
     what = describe(list(latest.failures))
+    if any(f.kind is FailureKind.CONFIG_ERROR for f in latest.failures):
+        return Decision(Action.STOP, f"{what}; fix the configuration and run again",
+                        config_error=True)
     if any(f.error_type == FATAL_STORAGE_ERROR for f in latest.failures):
         return Decision(Action.STOP, f"{what}; the job stops rather than train on without "
                                      "checkpoints (raise checkpoint.max_failed_saves, or fix "

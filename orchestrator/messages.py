@@ -50,6 +50,8 @@ class AttemptSpec:
     """The job these workers belong to: written into every manifest they commit."""
     fencing_token: int = 0
     """The driver's lease generation: a commit checks that no newer one exists (0: none)."""
+    storage_probe: str = ""
+    """The token of the probe the driver wrote for this attempt (storage_probe.py)."""
 
 
 @dataclass(frozen=True)

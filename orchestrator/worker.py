@@ -25,6 +25,7 @@ from orchestrator.chaos import FaultInjector
 from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.manager import CheckpointManager
 from orchestrator.checkpoint.storage import Storage
+from orchestrator.checkpoint.storage_probe import check_shared_storage
 from orchestrator.context import AttemptStopped, Reporter, StopMode, StopRequest, TrainContext
 from orchestrator.messages import AttemptSpec, ErrorInfo, Rendezvous, WorkerInfo, WorkerOutcome, WorkerReport
 
@@ -102,6 +103,11 @@ class TrainWorker:
         manager = None
         try:
             layout = RunLayout(Storage(spec.storage_url), spec.run_name)
+            # Before anything is restored or saved: the driver and every rank must reach the
+            # same storage (a local path on several nodes does not); the gang changes at
+            # restarts.
+            check_shared_storage(layout, rdzv.rank, rdzv.world_size, self._ckpt_group,
+                                 spec.storage_probe)
             faults = FaultInjector(spec.faults, rdzv.rank, layout)
             manager = CheckpointManager(
                 layout=layout, rank=rdzv.rank, world_size=rdzv.world_size,

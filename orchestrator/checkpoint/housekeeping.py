@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.checkpoint import commit, retention
-from orchestrator.checkpoint.layout import MANIFEST, SAVE_DIR_PREFIX, RunLayout, parse_step_dir
+from orchestrator.checkpoint.layout import (MANIFEST, PROBES, SAVE_DIR_PREFIX, RunLayout,
+                                            parse_step_dir)
 from orchestrator.checkpoint.manifest import FutureFormatError, ManifestError
 from orchestrator.config import CheckpointConfig
 
@@ -126,7 +127,8 @@ class Debris:
 def find_debris(layout: RunLayout, *, min_age_s: float = 0.0, now: float | None = None,
                 include_invalid: bool = True) -> list[Debris]:
     """What gc may remove: step folders without a manifest (interrupted saves), save folders
-    their manifest does not name (an interrupted overwrite), and (`include_invalid`)
+    their manifest does not name (an interrupted overwrite), start-up probes left behind
+    (storage_probe.py), and (`include_invalid`)
     checkpoints marked invalid, which only `orchestrator ckpt gc` removes: the driver keeps
     them for inspection.
 
@@ -157,6 +159,12 @@ def find_debris(layout: RunLayout, *, min_age_s: float = 0.0, now: float | None 
                 found.append(((*step_dir, entry.name), "a save folder the manifest does not name"))
             elif entry.name.startswith(".tmp-"):
                 found.append(((*step_dir, entry.name), "a temporary file"))
+    try:
+        probes = storage.list_dir(layout.run_name, PROBES)
+    except OSError:
+        probes = []
+    found += [((layout.run_name, PROBES, p.name), "a start-up probe of workers that died in it")
+              for p in probes]
     debris = []
     for parts, reason in found:
         _, mtime = storage.tree_stats(*parts)

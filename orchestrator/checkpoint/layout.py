@@ -7,6 +7,8 @@
       events.jsonl                  the run's event log
       summary.json                  written when the run ends
       chaos/                        one marker per fault-injection entry that has fired
+      probes/<token>/               the workers' start-up check that they share the storage
+                                    (storage_probe.py), removed when it is done
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ EVENTS_SEGMENTS = "events"
 SUMMARY = "summary.json"
 CHAOS = "chaos"
 LEASES = "lease"
+PROBES = "probes"
 SAVE_DIR_PREFIX = "save-"
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from typing import Any, Callable, Literal, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from orchestrator.errors import StorageError
+from orchestrator.errors import ConfigError, StorageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,11 +111,40 @@ class FileInfo:
     size: int
 
 
+_VARIABLE = re.compile(r"\$(\w+|\{(\w+)\})")
+
+
+def expand_local(url: str) -> str:
+    """A local path or file:// URL with its environment variables ($VAR, ${VAR}) expanded in
+    this process's environment; any other URL as it is.
+
+    Each process expands the path itself, so a path such as `$LOCAL_SSD/runs` names each
+    node's own disk: the workers' start-up probe (storage_probe.py) then refuses a run whose
+    ranks do not all reach the same storage.
+    """
+    if "://" in url and not url.startswith("file://"):
+        return url
+    missing = sorted({m.group(2) or m.group(1) for m in _VARIABLE.finditer(url)}
+                     - set(os.environ))
+    if missing:
+        raise ConfigError(
+            f"storage {url!r} names ${missing[0]}, which is not set on {socket.gethostname()} "
+            f"(pid {os.getpid()}); set it on every node, or give the path itself")
+    expanded = _VARIABLE.sub(lambda m: os.environ[m.group(2) or m.group(1)], url)
+    if expanded != url and not expanded.removeprefix("file://").startswith("/"):
+        raise ConfigError(f"storage {url!r} is {expanded!r} here, not an absolute path: "
+                           "the workers would each resolve it against their own folder")
+    return expanded
+
+
 class Storage:
     """A root URL and the filesystem that serves it. Paths given to methods are relative."""
 
     def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
+        self.as_written = url.rstrip("/")
+        """The URL before this process expanded its environment variables: the same on
+        every node."""
+        self.url = expand_local(self.as_written)
         self.options = storage_options(self.url)
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.options)

@@ -163,3 +163,40 @@ def test_a_node_drain_checkpoints_at_once_and_moves_off_the_node(three_node_clus
     workers = events(layout, "workers_started")[1]["workers"]
     assert node_of_rank1 not in {w["node_id"] for w in workers}
     assert_same_final_state(layout, reference, ARGS["steps"])
+
+
+def test_a_local_storage_that_each_node_sees_apart_is_refused_at_start(tmp_path):
+    """Two nodes whose workers get different folders for the same run.storage (a per-node
+    variable, as a local path on a real multi-node cluster gets each node's own disk): the
+    job refuses at start with exit 2, saying what to use, and restarts nothing."""
+    from ray.cluster_utils import Cluster
+
+    head_disk, other_disk = tmp_path / "head_disk", tmp_path / "other_disk"
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 1, "env_vars": {"NODE_DISK": str(head_disk)}})
+    cluster.add_node(num_cpus=1, env_vars={"NODE_DISK": str(other_disk)})
+    try:
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+               "NODE_DISK": str(head_disk)}  # the driver runs on the head
+        driver = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "run", "--address", cluster.address,
+             "--set", "run.storage=$NODE_DISK/runs", "--set", "run.name=apart",
+             "--set", "workload.entrypoint=workloads.mlp:train",
+             "--set", "workload.args={steps: 20, step_time_s: 0.05}",
+             "--set", "scaling.num_workers=2", "--set", "scaling.placement_strategy=SPREAD"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        cluster.shutdown()
+    output = driver.stdout + driver.stderr
+    assert driver.returncode == 2, output[-3000:]
+    assert "is not shared by every rank" in output, output[-3000:]
+    assert "use S3 or a filesystem every node mounts" in output
+    layout = RunLayout(Storage(str(head_disk / "runs")), "apart")
+    failures = events(layout, "failure")
+    assert {f["failure_kind"] for f in failures} == {"config_error"}
+    assert not events(layout, "restart") and not events(layout, "checkpoint_committed")
+    nodes = {w["node_id"] for w in events(layout, "workers_started")[0]["workers"]}
+    assert len(nodes) == 2
+    # Nothing of the run reached the other node's disk but its worker's own probe folder,
+    # emptied: no shard was ever written there.
+    assert not [p for p in other_disk.rglob("*") if p.is_file()]

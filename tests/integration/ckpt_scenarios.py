@@ -496,3 +496,54 @@ def saves_on_failing_storage(rank, world, groups, url, cfg, fail_steps, fill_dir
     seen["step_dirs"] = sorted(layout.step_dirs())
     seen["step2_after"] = step2_files() if rank == 0 else None
     return seen
+
+
+# --- does every rank reach the same storage? -----------------------------------------------
+
+
+def _on_disk(rank: int, disks: list[str]) -> None:
+    """This rank's `$RANK_DISK`: its own entry of `disks` (ranks may share one), the way a
+    per-node variable gives each node's workers their own local folder."""
+    import os
+
+    if disks:
+        os.environ["RANK_DISK"] = disks[rank]
+
+
+def probe_storage(rank, world, groups, url, disks=(), driver_token=""):
+    """The workers' start-up probe; returns what it raised, and the files it left behind."""
+    import torch.distributed as dist
+
+    from orchestrator.checkpoint.storage_probe import check_shared_storage
+
+    _on_disk(rank, list(disks))
+    layout = RunLayout(Storage(url), RUN)
+    raised = None
+    try:
+        check_shared_storage(layout, rank, world, groups[0], driver_token)
+    except Exception as e:  # noqa: BLE001 -- the test looks at it
+        raised = (type(e).__name__, str(e))
+    dist.barrier()
+    storage = layout.storage
+    left = (storage.fs.find(storage.path(RUN, "probes"))
+            if storage.exists(RUN, "probes") else [])
+    return {"raised": raised, "left": left}
+
+
+def save_on_separate_disks(rank, world, groups, disks):
+    """One sync save with every rank on its own `$RANK_DISK`, and no probe first: the commit
+    alone must refuse a manifest that would leave out the ranks rank 0 cannot see."""
+    _on_disk(rank, list(disks))
+    url = "$RANK_DISK/storage"
+    events: list[dict] = []
+    manager = make_manager(rank, world, groups, url, {}, events)
+    trainer = Trainer(rank, world)
+    trainer.step(1)
+    manager.save(1, {"train": trainer.state}, {})
+    raised = None
+    try:
+        manager.finish()
+    except Exception as e:  # noqa: BLE001 -- the test looks at it
+        raised = (type(e).__name__, str(e))
+    return {"raised": raised, "events": events, "committed": _committed(url),
+            "has_manifest": Storage(url).exists(*RunLayout(Storage(url), RUN).manifest(1))}

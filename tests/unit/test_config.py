@@ -83,3 +83,23 @@ def test_storage_urls_of_known_schemes_are_accepted(tmp_path):
 def test_local_storage_is_made_absolute(tmp_path):
     config = load_config(write(tmp_path, ISSUE_EXAMPLE), ["run.storage=rel"])
     assert config.run.storage_url.startswith("/")
+
+
+def test_a_local_storage_naming_variables_is_expanded_by_each_process(tmp_path, monkeypatch):
+    """The variables stay as written in the config (the workers are other processes, maybe
+    on other nodes), and each Storage expands them in its own environment."""
+    from orchestrator.checkpoint.storage import Storage
+
+    config = load_config(write(tmp_path, ISSUE_EXAMPLE), ["run.storage=${SCRATCH}/runs/"])
+    assert config.run.storage_url == "${SCRATCH}/runs"
+    monkeypatch.setenv("SCRATCH", str(tmp_path / "node_a"))
+    assert Storage(config.run.storage_url).url == f"{tmp_path}/node_a/runs"
+    assert Storage("file://$SCRATCH/r").url == f"file://{tmp_path}/node_a/r"
+    assert Storage("s3://bucket/$SCRATCH").url == "s3://bucket/$SCRATCH"  # a key, not a path
+    monkeypatch.setenv("SCRATCH", "relative")
+    with pytest.raises(ConfigError, match="not an absolute path"):
+        Storage("$SCRATCH/runs")
+    monkeypatch.delenv("SCRATCH")
+    with pytest.raises(ConfigError, match=r"names \$SCRATCH, which is not set on .*set it on "
+                                          "every node"):
+        Storage("$SCRATCH/runs")

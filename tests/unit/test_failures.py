@@ -168,3 +168,24 @@ def test_saves_that_keep_failing_stop_the_job_at_once_naming_the_setting():
     decision = decide(history, FailureConfig(max_storage_errors=10))
     assert decision.action is Action.STOP
     assert "checkpoint.max_failed_saves=2" in decision.reason
+
+
+# --- a configuration only the workers can find wrong ---------------------------------------
+
+def test_storage_the_ranks_do_not_share_stops_at_once_as_a_config_error():
+    message = ("run.storage ./runs is not shared by every rank (each node writes to its own "
+               "disk): use S3 or ...; rank 0 (a) does not see the probes of rank 1 (b)")
+    results = [raised(0, message, 0, "StorageNotShared"), raised(1, message, 0, "StorageNotShared")]
+    failures = classify(results, 0)
+    assert {f.kind for f in failures} == {FailureKind.CONFIG_ERROR}
+    decision = decide([incident(results)], FailureConfig(max_restarts=10))
+    assert decision.action is Action.STOP and decision.config_error
+    assert "use S3" in decision.reason and "fix the configuration" in decision.reason
+    # Only that: other stops are the run's, not the configuration's (exit 1, not 2).
+    assert not decide([incident([storage(0)])], FailureConfig(max_storage_errors=0)).config_error
+
+
+def test_a_storage_path_a_worker_cannot_expand_is_a_config_error_too():
+    results = [raised(1, "storage '$SCRATCH/runs' names $SCRATCH, which is not set", 0,
+                      "ConfigError")]
+    assert [f.kind for f in classify(results, 0)] == [FailureKind.CONFIG_ERROR]
