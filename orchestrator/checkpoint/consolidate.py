@@ -13,7 +13,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from orchestrator.checkpoint.commit import read_manifest
 from orchestrator.checkpoint.layout import RunLayout
-from orchestrator.checkpoint.manager import describe_error
+from orchestrator.checkpoint.describe import describe_error
 from orchestrator.checkpoint.safe_load import (SafeEmptyStateDictLoadPlanner, UnsafeCheckpointError,
                                                 is_refusal)
 from orchestrator.errors import CheckpointError

@@ -1,4 +1,5 @@
-"""Worker-side checkpointing: DCP saves and loads under the commit protocol of commit.py.
+"""Worker-side checkpointing: DCP saves under the commit protocol of commit.py, and the
+restore (restore.py, the one read path).
 
 Every public method is collective: all ranks call it in the same order with the same
 arguments. Three process groups are involved, each for a reason:
@@ -28,112 +29,35 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import random
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
-from torch.distributed.checkpoint.planner import LoadPlan
-from torch.distributed.checkpoint.stateful import Stateful
 
 import orchestrator
 from orchestrator.chaos import FaultInjector
 from orchestrator.checkpoint import commit, housekeeping
 from orchestrator.checkpoint.layout import SAVE_DIR_PREFIX, RunLayout
-from orchestrator.checkpoint.manifest import FileEntry, Manifest, ManifestError
-from orchestrator.checkpoint.safe_load import SafeLoadPlanner, is_refusal, legacy_rng_state
+from orchestrator.checkpoint.manifest import FileEntry, Manifest
+from orchestrator.checkpoint.describe import describe_error, few
+from orchestrator.checkpoint.restore import Restorer, with_rng
 from orchestrator.checkpoint.selection import RestorePlan
 from orchestrator.checkpoint.save_failures import AfterFailedSave, after_failed_save, explain, is_storage_error
 from orchestrator.checkpoint.save_process import SaveProcess, SaveRequest
-from orchestrator.checkpoint.snapshot import Snapshot, Snapshotter, StepGate, optimizers_in, plain_state
-from orchestrator.checkpoint.writer import hashing_writer, reader
+from orchestrator.checkpoint.snapshot import Snapshot, Snapshotter, StepGate, optimizers_in
+from orchestrator.checkpoint.writer import hashing_writer
 from orchestrator.config import CheckpointConfig
 from orchestrator.lease import current_generation
 from orchestrator.errors import CheckpointError, SavesKeepFailing, StorageError, StorageFailure
 
 Emit = Callable[..., None]
 log = logging.getLogger(__name__)
-_RNG_PREFIX = "rng_rank"
-_KEYS_SHOWN = 8
-
-
-class RankRng(Stateful):
-    """This rank's RNG states, saved under a rank-unique key.
-
-    DCP treats a key present on every rank as replicated and keeps one copy, which would
-    silently give every rank rank 0's RNG on resume. Every state is a tensor: nothing from
-    a checkpoint is unpickled (checkpoint/safe_load.py). `legacy=True` reads the pickled
-    `python_numpy` bytes of format-1/2 checkpoints, through an allow-list.
-    """
-
-    def __init__(self, legacy: bool = False) -> None:
-        self._legacy = legacy
-
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"torch": torch.get_rng_state()}
-        if self._legacy:
-            state["python_numpy"] = b""  # a placeholder DCP fills with the saved bytes
-        else:
-            version, internal, gauss = random.getstate()
-            kind, key, pos, has_gauss, cached = np.random.get_state()
-            assert kind == "MT19937", kind
-            state.update({
-                "python": torch.tensor([version, *internal], dtype=torch.int64),
-                "python_gauss": torch.tensor([gauss is not None, gauss or 0.0],
-                                             dtype=torch.float64),
-                "numpy": torch.from_numpy(np.append(key.astype(np.int64), [pos, has_gauss])),
-                "numpy_gauss": torch.tensor(cached, dtype=torch.float64),
-            })
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        torch.set_rng_state(state["torch"])
-        if "python_numpy" in state:
-            py_state, np_state = legacy_rng_state(state["python_numpy"])
-        else:
-            version, *internal = (int(v) for v in state["python"].tolist())
-            has_gauss, gauss = state["python_gauss"].tolist()
-            py_state = (version, tuple(internal), gauss if has_gauss else None)
-            words = state["numpy"].numpy()
-            np_state = ("MT19937", words[:-2].astype(np.uint32), int(words[-2]),
-                        int(words[-1]), float(state["numpy_gauss"]))
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
-
-
-class _PartialLoadPlanner(SafeLoadPlanner):
-    """Loads only the keys `keep` accepts that the checkpoint has; the rest of the state keeps
-    its current values."""
-
-    def __init__(self, keep: Callable[[str], bool]) -> None:
-        super().__init__(allow_partial_load=True)
-        self._keep = keep
-
-    def create_local_plan(self) -> LoadPlan:
-        # Filtered here rather than in set_up_planner: the base class's create_local_plan
-        # re-flattens the whole state when the checkpoint has keys the state lacks (its
-        # guess at a pre-2.4 checkpoint), which would undo the selection.
-        have = self.metadata.state_dict_metadata
-        self.state_dict = {k: v for k, v in self.state_dict.items()
-                           if self._keep(k) and k in have}
-        return create_default_local_load_plan(self.state_dict, self.metadata, False)
-
-
-def _under(key: str, parts: list[str]) -> bool:
-    return not parts or any(key == p or key.startswith(p + ".") for p in parts)
 
 
 @dataclass
@@ -160,6 +84,8 @@ class CheckpointManager:
         self._config = config
         self._faults = faults
         self._emit = emit
+        self._restorer = Restorer(layout=layout, rank=rank, world_size=world_size,
+                                  group=group, emit=emit)
         self._mode = config.async_mode
         if self._mode != "off" and save_group is None:
             raise ValueError("async saves need a save_group of their own")
@@ -195,131 +121,9 @@ class CheckpointManager:
     # --- restore ---------------------------------------------------------------------------
 
     def restore(self, state: dict[str, Any], plan: RestorePlan) -> int:
-        """Load the first candidate whose files verify; return its step, or 0 if none.
-
-        A candidate that fails verification is skipped loudly (an event names the file, and
-        the checkpoint is marked invalid) and the next one is tried; so is one that holds
-        something other than tensors and plain data (`checkpoint_refused`: never loaded).
-        """
-        cannot_read: list[str] = []
-        for step in plan.candidates:
-            t0 = time.monotonic()
-            manifest, mismatched, unreadable = self._verify(step)
-            if mismatched:  # read whole and wrong: proof, so it is marked (never deleted)
-                if self._rank == 0:
-                    self._emit("checkpoint_invalid", step=step, problems=mismatched)
-                    housekeeping.mark_invalid(self._layout, step, mismatched)
-                continue
-            if unreadable:  # reads failed: no proof; skipped for now and left as it is
-                if self._rank == 0:
-                    log.warning("checkpoint of step %d cannot be read now, trying an older "
-                                "one: %s", step, "; ".join(unreadable))
-                    self._emit("checkpoint_unreadable", step=step, problems=unreadable)
-                cannot_read.append(f"step {step}: {unreadable[0]}")
-                continue
-            verify_s = time.monotonic() - t0
-            refused = self._load_or_refuse(step, manifest, state, plan)
-            if refused:
-                if self._rank == 0:
-                    log.error("checkpoint of step %d refused: %s", step, refused)
-                    self._emit("checkpoint_refused", step=step, reason=refused)
-                    housekeeping.mark_invalid(self._layout, step, [refused])
-                continue
-            if self._rank == 0:
-                self._emit("checkpoint_restored", step=step,
-                           saved_world_size=manifest.world_size, world_size=self._world_size,
-                           saved_parallelism=manifest.parallelism,
-                           parts=manifest.parts or plan.parts, bytes=manifest.total_bytes,
-                           verify_s=round(verify_s, 3),
-                           load_s=round(time.monotonic() - t0 - verify_s, 3))
-            return step
-        if cannot_read:
-            # Starting from scratch beside checkpoints that may be good would lose them all:
-            # a storage failure, retried by the driver (its own budget) once storage is back.
-            raise StorageFailure(f"no committed checkpoint can be read now ({'; '.join(cannot_read[:3])}); "
-                                 "retrying from the latest when the storage answers")
-        if plan.required:
-            raise CheckpointError(
-                f"checkpoint.restore: none of steps {plan.candidates} in "
-                f"{self._layout.storage.url_of(*self._layout.checkpoints)} could be restored "
-                "(see the checkpoint_invalid events)")
-        return 0
-
-    def _load_or_refuse(self, step: int, manifest: Manifest, state: dict[str, Any],
-                        plan: RestorePlan) -> str:
-        """Load `step`; return "" when done, or why it was refused as unsafe. Every rank
-        takes the same decision (a refusal on one rank is a refusal on all), so that they all
-        go on to the same next candidate."""
-        outcome: tuple[str, str] = ("ok", "")
-        error: BaseException | None = None
-        try:
-            self._load(step, manifest, state, plan)
-        except (Exception, CheckpointException) as e:  # CheckpointException: a BaseException
-            error = e
-            outcome = ("refused" if is_refusal(e) else "error", describe_error(e))
-        gathered: list[tuple[str, str]] = [("ok", "")] * self._world_size
-        dist.all_gather_object(gathered, outcome, group=self._group)
-        failed = [(rank, text) for rank, (kind, text) in enumerate(gathered) if kind == "error"]
-        if failed:
-            if error is not None and outcome[0] == "error":
-                raise error
-            raise CheckpointError(f"restoring step {step} failed on rank {failed[0][0]}: "
-                                  f"{failed[0][1]}")
-        return next((text for kind, text in gathered if kind == "refused"), "")
-
-    def _load(self, step: int, manifest: Manifest, state: dict[str, Any],
-              plan: RestorePlan) -> None:
-        parts = manifest.parts or plan.parts
-        # A rank that did not exist when the checkpoint was taken has no RNG state in it: it
-        # keeps the one it was seeded with (the world size changed: elastic). A partial
-        # restore leaves the RNG alone.
-        with_rng = self._rank < manifest.world_size and not parts
-        storage_reader = reader(self._layout, step, manifest.data_dir)
-        have = set(storage_reader.read_metadata().state_dict_metadata)
-        legacy_rng = f"{_RNG_PREFIX}{self._rank}.python_numpy" in have
-        to_load = self._with_rng(state, legacy_rng) if with_rng else dict(state)
-        wanted, _ = flatten_state_dict(plain_state(to_load))
-        selected = {k for k in wanted if _under(k, parts)}
-        missing = sorted(selected - have)
-        unexpected = sorted(k for k in have - set(wanted)
-                            if _under(k, parts) and not k.startswith(_RNG_PREFIX))
-        if missing or unexpected:
-            strict = plan.strict and not manifest.parts
-            detail = (f"missing from the checkpoint: {_few(missing)}; "
-                      f"in the checkpoint but not in the state: {_few(unexpected)}")
-            if strict:
-                raise CheckpointError(
-                    f"step {step} does not match the state being restored ({detail}); set "
-                    "checkpoint.strict: false to restore what matches, or "
-                    "checkpoint.restore_parts to restore some parts only")
-            if self._rank == 0:
-                self._emit("checkpoint_keys_mismatch", step=step, missing=missing[:100],
-                           unexpected=unexpected[:100], missing_count=len(missing),
-                           unexpected_count=len(unexpected))
-        keep = lambda key: _under(key, parts) or key.startswith(_RNG_PREFIX)  # noqa: E731
-        dcp.load(to_load, storage_reader=storage_reader, planner=_PartialLoadPlanner(keep),
-                 process_group=self._group)
-
-    def _verify(self, step: int) -> tuple[Manifest | None, list[str], list[str]]:
-        """Every rank checks its share of the files; all ranks see all problems: the files
-        that mismatch the manifest, and those that could not be read."""
-        manifest = None
-        mismatched: list[str] = []
-        unreadable: list[str] = []
-        try:
-            manifest = commit.read_manifest(self._layout, step)
-            mine = commit.share_of(sorted(manifest.files), self._rank, self._world_size)
-            found = commit.verify_files(self._layout, manifest, mine)
-            mismatched, unreadable = found.mismatched, found.unreadable
-        except ManifestError as e:
-            mismatched = [f"rank {self._rank}: {e}"]
-        except OSError as e:
-            unreadable = [f"rank {self._rank}: manifest cannot be read now: "
-                          f"{type(e).__name__} ({getattr(e, 'strerror', None) or e})"]
-        gathered: list[tuple[list[str], list[str]]] = [([], [])] * self._world_size
-        dist.all_gather_object(gathered, (mismatched, unreadable), group=self._group)
-        return (manifest, sorted({p for share, _ in gathered for p in share}),
-                sorted({p for _, share in gathered for p in share}))
+        """Load the first candidate whose files verify; return its step, or 0 if none
+        (restore.py)."""
+        return self._restorer.restore(state, plan)
 
     # --- save ------------------------------------------------------------------------------
 
@@ -332,7 +136,7 @@ class CheckpointManager:
         data_dir, unusable = self._prepare(step)
         metrics = {k: float(v) for k, v in metrics.items()}
         if unusable or self._mode == "off":
-            error = unusable or self._write_and_commit(step, data_dir, self._with_rng(state),
+            error = unusable or self._write_and_commit(step, data_dir, with_rng(self._rank, state),
                                                        metrics, self._group, started=t0)
             self._after_save(step, data_dir, error)
             if not error:
@@ -340,7 +144,7 @@ class CheckpointManager:
             self.stall_s += time.monotonic() - t0
             self.raise_failure(self._pending)  # every rank knows the outcome: raise now
             return
-        snap = self._snapshotter.take(self._with_rng(state))
+        snap = self._snapshotter.take(with_rng(self._rank, state))
         self._gate.hook(optimizers_in(state))
         self._gate.arm(snap)
         future = self._background.submit(self._save_in_background, step, data_dir, snap,
@@ -556,7 +360,7 @@ class CheckpointManager:
             # (a local path on a multi-node cluster). A manifest without it would verify and
             # restore without that rank's shards.
             raise StorageError(
-                f"step {step} not committed: rank 0 cannot see {_few(unseen)}, which other "
+                f"step {step} not committed: rank 0 cannot see {few(unseen)}, which other "
                 f"ranks wrote to {self._layout.storage.url}; every rank must reach the same "
                 "storage (use S3 or a shared filesystem for run.storage)")
         unknown = [n for n in names if n not in files]
@@ -590,8 +394,6 @@ class CheckpointManager:
         dist.broadcast_object_list(box, src=0, group=group)
         return int(box[0])
 
-    def _with_rng(self, state: dict[str, Any], legacy: bool = False) -> dict[str, Any]:
-        return {**state, f"{_RNG_PREFIX}{self._rank}": RankRng(legacy)}
 
 
 class _Fenced(CheckpointError):
@@ -599,19 +401,3 @@ class _Fenced(CheckpointError):
 
 
 _FENCED = "fenced: "
-
-
-def describe_error(e: BaseException) -> str:
-    """One line per failed rank: DCP wraps every rank's error in a CheckpointException whose
-    str() is a page of traceback."""
-    if isinstance(e, CheckpointException):
-        return "; ".join(f"rank {rank}: {type(exc).__name__}: {str(exc)[:300]}"
-                         for rank, (exc, _) in sorted(e.failures.items()))
-    return f"{type(e).__name__}: {str(e)[:500]}"
-
-
-def _few(keys: list[str]) -> str:
-    if not keys:
-        return "none"
-    more = f" and {len(keys) - _KEYS_SHOWN} more" if len(keys) > _KEYS_SHOWN else ""
-    return ", ".join(keys[:_KEYS_SHOWN]) + more

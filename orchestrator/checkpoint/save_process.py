@@ -159,7 +159,7 @@ def _write(request: SaveRequest, world: int) -> SaveReply:
         dcp.save(state, storage_writer=writer)
         return SaveReply(written=dict(writer.fs.written))
     except BaseException as e:  # noqa: BLE001 -- CheckpointException is a BaseException
-        from orchestrator.checkpoint.manager import describe_error
+        from orchestrator.checkpoint.describe import describe_error
         return SaveReply(written={}, error=describe_error(e))
 
 

@@ -12,7 +12,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, Metadata,
                                                    MetadataIndex)
 
-from orchestrator.checkpoint.manager import RankRng
+from orchestrator.checkpoint.restore import RankRng
 from orchestrator.checkpoint.manifest import Manifest, ManifestError
 from orchestrator.checkpoint.safe_load import (UnsafeCheckpointError, legacy_rng_state,
                                                load_metadata, load_value)
