@@ -47,8 +47,11 @@ def test_background_saves_wait_for_the_slowest_rank_and_report_failures(storage_
                        out_dir=str(tmp_path))
     rank0, rank1 = results
     kinds = [e["kind"] for e in rank0["events"]]
-    # Training went on while rank 1 was still writing step 2 (1 s): the save returned at once.
-    assert rank0["save_returned_s"][2] < 0.5 and rank1["save_returned_s"][2] < 0.5
+    # Training went on while rank 1 was still writing step 2 (it sleeps 1 s first): on both
+    # ranks save() returned before that write ended, and the commit came after it. An order
+    # of events, not a duration: a busy machine slows both sides alike.
+    for rank in (rank0, rank1):
+        assert rank["save_returned_at"][2] < rank1["wrote_at"][2]
     # At most one save in flight: step 3's save waited for step 2's, and said so.
     wait = next(e for e in rank0["events"] if e["kind"] == "checkpoint_wait")
     assert wait["step"] == 3 and wait["waiting_for"] == 2 and wait["waited_s"] > 0.3

@@ -19,10 +19,14 @@ def test_readme_opens_with_exactly_two_commands_install_and_run():
     assert "pip install" in tests and "pytest" in tests
 
 
-def test_ci_runs_the_readme_test_command_verbatim():
-    _, tests = readme_commands()
-    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+def test_ci_runs_both_readme_commands_in_a_new_virtual_environment():
+    job, tests = readme_commands()
+    ci = (ROOT / ".ci" / "run").read_text()
+    ci_lines = [line.strip() for line in ci.splitlines()]
     assert tests in ci_lines
+    # The job command as written, shortened only by overrides appended to it.
+    assert any(line.startswith(job + " --set ") for line in ci_lines), ci
+    assert "python3 -m venv" in ci and 'export PATH="$work/venv/bin:$PATH"' in ci
 
 
 def test_the_main_job_config_exists_and_injects_the_documented_kills():
