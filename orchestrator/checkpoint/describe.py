@@ -16,8 +16,9 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e)[:500]}"
 
 
-def few(keys: list[str]) -> str:
-    if not keys:
+def few(items: list[str], sep: str = ", ") -> str:
+    """The first few of `items`, and how many more there are."""
+    if not items:
         return "none"
-    more = f" and {len(keys) - _KEYS_SHOWN} more" if len(keys) > _KEYS_SHOWN else ""
-    return ", ".join(keys[:_KEYS_SHOWN]) + more
+    more = f" and {len(items) - _KEYS_SHOWN} more" if len(items) > _KEYS_SHOWN else ""
+    return sep.join(items[:_KEYS_SHOWN]) + more

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from orchestrator.checkpoint.describe import few
 from orchestrator.checkpoint.layout import PROBES, RunLayout
 from orchestrator.errors import StorageFailure, StorageNotShared
 
@@ -38,7 +39,6 @@ LISTING_PATIENCE_S = 3.0
 listings for a few seconds, and a shared filesystem must not be mistaken for a local one."""
 
 DRIVER = "driver.json"
-_SHOWN = 8
 
 
 def write_driver_probe(layout: RunLayout) -> str:
@@ -107,7 +107,7 @@ def check_shared_storage(layout: RunLayout, rank: int, world_size: int,
         # The storage failed (full, forbidden, S3 errors after retries): that proves nothing
         # about sharing, and it may pass; a storage_error, with its restart budget.
         raise StorageFailure(f"run.storage {layout.storage.as_written} failed the start-up "
-                             f"probe: {_few(failed)}")
+                             f"probe: {few(failed, '; ')}")
     problems = [f"rank {r} ({hosts[r][0]}) does not see the probes of {_ranks(missing, hosts)}"
                 for r, (missing, _, _) in enumerate(views) if missing]
     blind = [r for r, (_, sees, _) in enumerate(views) if not sees]
@@ -119,7 +119,7 @@ def check_shared_storage(layout: RunLayout, rank: int, world_size: int,
         raise StorageNotShared(
             f"run.storage {layout.storage.as_written} is not shared by every rank (each node "
             "writes to its own disk): use S3 or a filesystem every node mounts (NFS, Lustre, "
-            f"a shared volume); {_few(problems)}")
+            f"a shared volume); {few(problems, '; ')}")
 
 
 def _unseen_by_rank0(layout: RunLayout, folder: tuple[str, ...], world_size: int,
@@ -151,12 +151,6 @@ def _describe(e: OSError) -> str:
     return f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}"[:300]
 
 
-def _few(lines: list[str]) -> str:
-    more = f" (and {len(lines) - _SHOWN} more)" if len(lines) > _SHOWN else ""
-    return "; ".join(lines[:_SHOWN]) + more
-
-
 def _ranks(ranks: list[int], hosts: list[Any]) -> str:
-    shown = ", ".join(f"{r} ({hosts[r][0]})" for r in ranks[:_SHOWN])
-    more = f" and {len(ranks) - _SHOWN} more" if len(ranks) > _SHOWN else ""
-    return ("rank " if len(ranks) == 1 else "ranks ") + shown + more
+    return ("rank " if len(ranks) == 1 else "ranks ") + few([f"{r} ({hosts[r][0]})"
+                                                             for r in ranks])
