@@ -374,7 +374,12 @@ class FaultyLocal:
 
 def restore_through_read_faults(rank, world, groups, url, match, failures):
     """Save steps 2 and 4; restore with reads of files matching `match` failing `failures`
-    times; then restore again with no faults (a later run). Returns both restores."""
+    times; then restore again with no faults (a later run). Returns both restores. The
+    retries wait 10 ms instead of 0.2 s first: the same retries, a persistent fault found in
+    seconds."""
+    from orchestrator.checkpoint import storage as storage_module
+
+    storage_module.RETRY_INITIAL_S = 0.01
     events: list[dict] = []
     manager = make_manager(rank, world, groups, url, {}, events)
     trainer = Trainer(rank, world)
