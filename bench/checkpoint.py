@@ -64,7 +64,7 @@ def bench_rank(rank: int, world: int, groups, mode: str, root: str, layers: int,
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
 
-    from orchestrator.chaos import FaultInjector
+    from orchestrator.chaos.inject import FaultInjector
     from orchestrator.checkpoint.layout import RunLayout
     from orchestrator.checkpoint.manager import CheckpointManager
     from orchestrator.checkpoint.selection import RestorePlan

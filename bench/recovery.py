@@ -119,19 +119,30 @@ class OurRun:
         assert self.result is not None and self.result.succeeded, self.result
 
 
+def plan_kills(rank: int, steps: list[int]):
+    from orchestrator.chaos import FaultPlan
+
+    plan = FaultPlan()
+    for step in steps:
+        plan.kill_at(rank=rank, step=step)
+    return plan
+
+
 def ours_kill(root: Path, workers: int, spares: int) -> list[dict]:
+    from orchestrator.chaos.requests import read_marker
+
     steps = [8 + KILL_SPACING * i for i in range(TRIALS)]
     config = our_config(root, f"kill-{workers}-{spares}", workers, steps[-1] + 5, spares,
-                        chaos={"kill": [{"rank": workers - 1, "step": s} for s in steps]})
+                        chaos=plan_kills(workers - 1, steps).config())
     run = OurRun(config)
     run.join()
     firsts = {e["attempt"]: e for e in run.events("first_step")}
     restarts = run.events("restart")
     samples = []
     for i, step in enumerate(steps):
-        marker = Path(run.layout.storage.path(*run.layout.chaos, f"kill-rank{workers - 1}-step{step}"))
+        fired = read_marker(run.layout, f"kill-rank{workers - 1}-step{step}")["fired_at"]
         samples.append({"event_step": step, "resumed_from": restarts[i]["from_step"],
-                        "recovery_s": firsts[i + 1]["step_end_time"] - marker.stat().st_mtime})
+                        "recovery_s": firsts[i + 1]["step_end_time"] - fired})
     return samples
 
 

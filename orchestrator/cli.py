@@ -1,6 +1,7 @@
 """`orchestrator run CONFIG.yaml [--address ADDR] [--set section.key=value ...]`
 `orchestrator ckpt ls|show|verify|gc|export|import ...` (ckpt_cli.py)
 `orchestrator data prepare|verify ...` (data_cli.py)
+`orchestrator chaos RUN KIND ...` (chaos_cli.py): inject a fault into a running job
 
 The entry point is the only place that reads the environment (RAY_ADDRESS).
 Exit codes: 0 the job succeeded, 1 it failed, 2 the configuration or the command was wrong.
@@ -13,7 +14,7 @@ import logging
 import os
 import sys
 
-from orchestrator import ckpt_cli, data_cli
+from orchestrator import chaos_cli, ckpt_cli, data_cli
 from orchestrator.errors import CheckpointError, ConfigError, StorageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                           "storage, then exit (0: it would start) without starting anything")
     ckpt_cli.add_parser(sub)
     data_cli.add_parser(sub)
+    chaos_cli.add_parser(sub)
     args = parser.parse_args(argv)
     # Our own progress at INFO; libraries (botocore, Ray) only when they warn.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return ckpt_cli.main(args)
     if args.command == "data":
         return data_cli.main(args)
+    if args.command == "chaos":
+        return chaos_cli.main(args)
     return EXIT_USAGE
 
 

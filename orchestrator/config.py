@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.chaos.config import ChaosConfig
+from orchestrator.config_checks import _require, _seconds, _short
 from orchestrator.errors import ConfigError
 from orchestrator.yaml_input import parse_yaml, read_yaml_file
 
@@ -30,29 +32,6 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 MAX_WORKERS = 100_000
 """More ranks than any cluster this runs on: a larger number is a typo, refused at once
 rather than waiting `scaling.placement_timeout_s` for a gang that cannot be placed."""
-MAX_SECONDS = 30 * 24 * 3600.0
-"""The longest duration a setting may take (30 days). Larger values overflow the waits they
-become (`threading.Event.wait` refuses them), so they are refused here instead."""
-
-
-def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {_short(value)} is not allowed; {allowed}")
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _seconds(key: str, value: float, *, minimum: float = 0.0, zero_ok: bool = True) -> None:
-    ok = (math.isfinite(value) and minimum <= value <= MAX_SECONDS
-          and (zero_ok or value > 0))
-    low = f">= {minimum:g}" if zero_ok else f"> {minimum:g}"
-    _require(ok, key, f"it must be a number of seconds {low} and at most {MAX_SECONDS:g}",
-             value)
-
-
 def check_storage_url(url: str, key: str = "run.storage") -> None:
     """A local path, or a URL of a scheme we support that names a place: `s3://` alone
     would otherwise become a local folder named `s3:`."""
@@ -309,27 +288,6 @@ class FailureConfig:
 
 
 @dataclass(kw_only=True, frozen=True)
-class ChaosPoint:
-    rank: int
-    """Rank whose worker process is killed."""
-    step: int
-    """Training step at which it is killed."""
-
-    def __post_init__(self) -> None:
-        _require(self.rank >= 0, "chaos.*.rank", "it must be >= 0", self.rank)
-        _require(self.step >= 1, "chaos.*.step", "it must be >= 1", self.step)
-
-
-@dataclass(kw_only=True, frozen=True)
-class ChaosConfig:
-    kill: list[ChaosPoint] = field(default_factory=list)
-    """SIGKILL rank R's worker when it finishes step S. Each entry fires once per run."""
-    kill_during_save: list[ChaosPoint] = field(default_factory=list)
-    """SIGKILL rank R's worker during step S's save, after its shards are written and before
-    the commit. Each entry fires once per run."""
-
-
-@dataclass(kw_only=True, frozen=True)
 class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
@@ -339,10 +297,9 @@ class JobConfig:
     chaos: ChaosConfig = field(default_factory=ChaosConfig)
 
     def __post_init__(self) -> None:
-        for name in ("kill", "kill_during_save"):
-            for point in getattr(self.chaos, name):
-                _require(point.rank < self.scaling.num_workers, f"chaos.{name}.rank",
-                         f"ranks run from 0 to {self.scaling.num_workers - 1}", point.rank)
+        for fault in self.chaos.faults:
+            _require(fault.rank < self.scaling.num_workers, "chaos.faults.rank",
+                     f"ranks run from 0 to {self.scaling.num_workers - 1}", fault.rank)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -383,7 +340,8 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     unknown = sorted(set(data) - set(fields), key=str)  # keys of mixed types sort too
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise ConfigError(f"unknown key '{key}'; allowed here: {', '.join(fields)}")
+        hint = f"; {_REPLACED[key]}" if key in _REPLACED else ""
+        raise ConfigError(f"unknown key '{key}'; allowed here: {', '.join(fields)}{hint}")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -393,6 +351,13 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{where}: {e}") from e
 
+
+_REPLACED = {
+    "chaos.kill": "write chaos.faults: [{kind: kill, rank: R, at_step: S}]",
+    "chaos.kill_during_save": "write chaos.faults: [{kind: kill_during_save, rank: R, "
+                              "at_step: S}]",
+}
+"""Keys of earlier versions, and what to write instead."""
 
 _WORDS_FOR_BOOL = {"true": True, "yes": True, "on": True,
                    "false": False, "no": False, "off": False}

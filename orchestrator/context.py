@@ -20,7 +20,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from orchestrator.chaos import FaultInjector
+from orchestrator.chaos.inject import FaultInjector
 from orchestrator.checkpoint.manager import CheckpointManager
 from orchestrator.checkpoint.selection import RestorePlan
 from orchestrator.config import CheckpointConfig

@@ -26,6 +26,8 @@ class Continuation:
     committed: bool = False
     incidents: tuple[Incident, ...] = ()
     next_attempt: int = 0
+    started_at: float = 0.0
+    """When the job's first driver started it (epoch seconds): chaos times count from it."""
 
     @property
     def continuing(self) -> bool:
@@ -64,4 +66,9 @@ def continuation(events: list[dict]) -> Continuation:
                       for a, fs in sorted(by_attempt.items()))
     return Continuation(job_id=starts[0]["job_id"],
                         committed=any(e.get("kind") == "checkpoint_committed" for e in job),
-                        incidents=incidents, next_attempt=max(attempts) + 1)
+                        incidents=incidents, next_attempt=max(attempts) + 1,
+                        started_at=_number(starts[0].get("time")))
+
+
+def _number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0

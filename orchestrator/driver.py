@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
-from orchestrator.chaos import pending_faults
+from orchestrator.chaos.inject import write_marker
+from orchestrator.chaos.plan import Fault, FaultPlan
+from orchestrator.chaos.schedule import ChaosSchedule
 from orchestrator.checkpoint.commit import committed_checkpoints
 from orchestrator.checkpoint.housekeeping import find_debris, mark_invalid, remove_debris
 from orchestrator.checkpoint.selection import plan_restore
@@ -53,7 +57,8 @@ SUMMARY_PATIENCE_S = 120.0
 """How long the end of a job waits for storage to take its summary and last events."""
 
 CLUSTER_CHECK_INTERVAL_S = 1.0
-"""How often RUNNING asks Ray about draining nodes and free room (elastic growth)."""
+"""How often RUNNING asks Ray about draining nodes and free room (elastic growth), and reads
+storage for faults sent by `orchestrator chaos` and markers of faults that fired."""
 
 _LOST_KINDS = (FailureKind.WORKER_DIED, FailureKind.NODE_DIED, FailureKind.HANG,
                FailureKind.PREEMPTED)
@@ -152,6 +157,9 @@ class Driver:
         self._reported_invalid: set[int] = set()
         self._attempt_span: tuple[float, float] | None = None
         """Monotonic times at which the first and the latest step of this attempt were seen."""
+        self._chaos = ChaosSchedule(
+            FaultPlan.from_config(config.chaos).faults(config.scaling.num_workers), layout,
+            started_at=clock())
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -175,6 +183,10 @@ class Driver:
             self.events.emit("driver_resumed", attempt=carried.next_attempt,
                              failures_so_far=sum(len(i.failures) for i in self.incidents),
                              committed_by_this_job=carried.committed)
+        if carried.started_at:
+            self._chaos.started_at = carried.started_at  # chaos times count from the job's start
+        if self._chaos.faults:
+            self.events.emit("fault_planned", faults=[f.to_event() for f in self._chaos.faults])
         if self._lease is not None:
             self._keeper = LeaseKeeper(self._lease, self._config.run.lease_timeout_s)
         try:
@@ -261,7 +273,7 @@ class Driver:
             storage_url=cfg.run.storage_url, run_name=cfg.run.name,
             parallelism=str(cfg.workload.args.get("parallelism", "ddp")),
             checkpoint=cfg.checkpoint, restore=plan,
-            faults=pending_faults(cfg.chaos, self._layout), job_id=self.job_id,
+            faults=self._faults_for_attempt(), job_id=self.job_id,
             fencing_token=self._lease.generation if self._lease else 0,
             storage_probe=write_driver_probe(self._layout)))
         now = self._monotonic()
@@ -325,6 +337,7 @@ class Driver:
         if now < self._next_cluster_check:
             return
         self._next_cluster_check = now + CLUSTER_CHECK_INTERVAL_S
+        self._run_chaos()
         draining = self._group.draining_ranks() - self._stop_requested
         if draining:
             self.events.emit("preemption_notice", ranks=sorted(draining), source="node drain")
@@ -336,6 +349,57 @@ class Driver:
             self._group.request_stop(ranks, StopMode.AT_CHECKPOINT,
                                      "resources are back: growing to scaling.num_workers")
             self._stop_requested |= ranks
+
+    # --- chaos: faults injected on purpose (orchestrator/chaos/) ----------------------------
+
+    def _faults_for_attempt(self) -> list[Fault]:
+        self._report_chaos()
+        out = []
+        for fault in self._chaos.for_attempt(self._clock()):
+            if fault.kind == "kill_node" and (why := self._group.cannot_kill_node(fault.rank)):
+                self.events.emit("fault_skipped", **fault.to_event(), reason=why)
+                continue
+            out.append(fault)
+        return out
+
+    def _report_chaos(self) -> None:
+        for kind, fields in self._chaos.refresh():
+            self.events.emit(kind, **fields)
+            if kind == "fault_fired":
+                log.warning("chaos: %s fired (%s)", fields.get("fault_id"),
+                            fields.get("source", "?"))
+
+    def _run_chaos(self) -> None:
+        """Once a second while RUNNING: report what fired, carry out what is due."""
+        self._report_chaos()
+        gang_step = max(self._last_step.values(), default=0)
+        for fault in self._chaos.due(self._clock(), gang_step):
+            self._carry_out(fault, gang_step)
+
+    def _carry_out(self, fault: Fault, gang_step: int) -> None:
+        world = len(self._progress.ranks)
+        if fault.kind != "kill_driver" and fault.rank >= world:
+            why = f"rank {fault.rank} is not in the gang of {world}"
+        elif fault.kind == "kill_node":
+            why = self._group.cannot_kill_node(fault.rank)
+        elif fault.kind == "drain":
+            why = self._group.drain_node(fault.rank)
+        else:
+            why = ""
+        if why:
+            self.events.emit("fault_skipped", **fault.to_event(), reason=why)
+            return
+        if not fault.by_driver:
+            self._group.inject(fault.rank, fault)
+            return
+        write_marker(self._layout, fault, rank=fault.rank, step=gang_step,
+                     attempt=self.state.attempt)
+        if fault.kind == "kill_driver":
+            self.events.emit("fault_fired", **fault.to_event(), step=gang_step,
+                             pid=os.getpid())
+            self.events.flush()
+            log.warning("chaos: %s: this driver kills itself (SIGKILL)", fault.id)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _on_stopped(self, attempt: int, results: dict[int, RankResult]) -> None:
         """The gang checkpointed and stopped on request: a preemption (the noticed ranks'

@@ -6,7 +6,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.chaos import Fault
+from orchestrator.chaos.plan import Fault
 from orchestrator.checkpoint.selection import RestorePlan
 from orchestrator.config import CheckpointConfig
 

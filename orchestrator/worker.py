@@ -21,7 +21,8 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from orchestrator.chaos import FaultInjector
+from orchestrator.chaos.inject import FaultInjector
+from orchestrator.chaos.plan import Fault
 from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.manager import CheckpointManager
 from orchestrator.checkpoint.storage import Storage
@@ -48,6 +49,7 @@ class TrainWorker:
         self._rdzv: Rendezvous | None = None
         self._ckpt_group: dist.ProcessGroup | None = None
         self._save_group: dist.ProcessGroup | None = None
+        self._faults = FaultInjector([], rank=-1, layout=None)
         # A preemption notice (the cloud's SIGTERM) asks for a checkpoint now instead of
         # Ray's default of exiting at once. The actor's constructor runs on the main thread,
         # the only one allowed to install signal handlers.
@@ -59,6 +61,10 @@ class TrainWorker:
     def request_stop(self, mode: int, reason: str) -> None:
         """Ask the running attempt to end after a checkpoint (see StopMode)."""
         self._stop.request(StopMode(mode), reason)
+
+    def inject(self, fault: Fault) -> None:
+        """A fault for the running attempt, from the driver (chaos)."""
+        self._faults.add(fault)
 
     def info(self) -> WorkerInfo:
         import ray
@@ -108,7 +114,7 @@ class TrainWorker:
             # restarts.
             check_shared_storage(layout, rdzv.rank, rdzv.world_size, self._ckpt_group,
                                  spec.storage_probe)
-            faults = FaultInjector(spec.faults, rdzv.rank, layout)
+            faults = self._faults = FaultInjector(spec.faults, rdzv.rank, layout, spec.attempt)
             manager = CheckpointManager(
                 layout=layout, rank=rdzv.rank, world_size=rdzv.world_size,
                 parallelism=spec.parallelism, group=self._ckpt_group,

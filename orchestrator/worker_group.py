@@ -21,6 +21,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import (NodeAffinitySchedulingStrategy,
                                             PlacementGroupSchedulingStrategy)
 
+from orchestrator.chaos.plan import Fault
 from orchestrator.config import JobConfig
 from orchestrator.errors import PlacementError
 from orchestrator.failures import RankResult
@@ -28,6 +29,9 @@ from orchestrator.messages import AttemptSpec, Rendezvous, WorkerInfo, WorkerOut
 from orchestrator.worker import TrainWorker
 
 log = logging.getLogger("orchestrator.worker_group")
+
+DRAIN_DEADLINE_S = 60.0
+"""The deadline a chaos drain gives Ray, as a cloud's two-minute warning would (shorter)."""
 
 
 class WorkerStartError(Exception):
@@ -66,6 +70,17 @@ class WorkerGroup(Protocol):
     def probe(self, ranks: set[int], timeout_s: float) -> list[RankResult]:
         """Of `ranks`, those whose worker does not answer within `timeout_s`, as dead ranks
         (on a dead node, when Ray already knows the node is gone)."""
+
+    def inject(self, rank: int, fault: Fault) -> None:
+        """Hand a fault to the rank's running attempt (chaos; fire and forget)."""
+
+    def drain_node(self, rank: int) -> str:
+        """Ask Ray to drain the rank's node, as a cloud's preemption notice would; '' when
+        Ray accepted, else why not."""
+
+    def cannot_kill_node(self, rank: int) -> str:
+        """Why the rank's node must not be killed by chaos ('' when it may): the driver's
+        own node would take the driver with it."""
 
     def shutdown(self) -> None:
         """Kill every actor and release the placement group. Safe to call twice."""
@@ -326,6 +341,38 @@ class RayWorkerGroup:
                 # from a task on the same node ends it at once.
                 _sigkill_on_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
                     slot.info.node_id, soft=False)).remote(slot.info.pid)
+
+    def inject(self, rank: int, fault: Fault) -> None:
+        slot = self._ranks[rank] if rank < len(self._ranks) else None
+        if slot is not None:
+            slot.actor.inject.remote(fault)
+
+    def drain_node(self, rank: int) -> str:
+        node_id = self._node_of(rank)
+        if not node_id:
+            return f"rank {rank} has no node"
+        try:
+            from ray.core.generated import autoscaler_pb2
+
+            deadline_ms = (time.time_ns() // 1_000_000) + int(DRAIN_DEADLINE_S * 1000)
+            # What `ray drain-node` does (ray/scripts/scripts.py).
+            gcs = ray._raylet.GcsClient(address=ray.get_runtime_context().gcs_address)
+            accepted, why = gcs.drain_node(
+                node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                "chaos: drain", deadline_ms)
+        except Exception as e:  # noqa: BLE001 -- a private API: a skipped fault, said so
+            return f"Ray could not drain node {node_id[:12]}: {type(e).__name__}: {e}"
+        return "" if accepted else f"Ray refused to drain node {node_id[:12]}: {why}"
+
+    def cannot_kill_node(self, rank: int) -> str:
+        node_id = self._node_of(rank)
+        if node_id and node_id == ray.get_runtime_context().get_node_id():
+            return f"rank {rank} runs on the driver's node; killing it would kill the driver"
+        return ""
+
+    def _node_of(self, rank: int) -> str:
+        slot = self._ranks[rank] if rank < len(self._ranks) else None
+        return slot.info.node_id if slot is not None and slot.info is not None else ""
 
     def shutdown(self) -> None:
         for slot in self._ranks + self._spares:

@@ -1,15 +1,13 @@
 """A tiny MLP regression, for fast tests of the orchestrator itself.
 
-Stand-ins for bugs in user code, at one step, on the ranks in `fault_ranks` and the attempts in
-`fault_attempts` (all when empty): `raise_at_step` raises a RuntimeError; `hang_at_step` blocks
-forever, as a deadlock or a lost collective peer would.
+Faults (a bug that raises, a deadlock) come from the chaos vocabulary (`FaultPlan.raise_at`,
+`block_at`), not from arguments of the workload.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -31,10 +29,6 @@ class MLPArgs:
     parallelism: Literal["ddp", "fsdp"] = "ddp"
     step_time_s: float = 0.0
     """Extra sleep per step, to make a tiny model behave like a slower one in tests."""
-    raise_at_step: int = 0
-    hang_at_step: int = 0
-    fault_ranks: list[int] = field(default_factory=list)
-    fault_attempts: list[int] = field(default_factory=list)
 
 
 ARGS = MLPArgs
@@ -59,12 +53,6 @@ def train(ctx: TrainContext) -> None:
     state = TrainState(model, optimizer, warmup_cosine(optimizer, a.steps))
 
     def step_fn(step: int) -> float:
-        faulty = ((not a.fault_ranks or ctx.rank in a.fault_ranks)
-                  and (not a.fault_attempts or ctx.attempt in a.fault_attempts))
-        if faulty and step == a.raise_at_step:
-            raise RuntimeError(f"injected bug at step {step}")
-        if faulty and step == a.hang_at_step:
-            threading.Event().wait()  # blocks forever; its peers block in the next collective
         x, y = batch(a.seed, state.data_position, a.batch_size, ctx.rank, ctx.world_size)
         loss = nn.functional.mse_loss(model(x.to(ctx.device)), y.to(ctx.device))
         loss.backward()

@@ -6,7 +6,8 @@
         invalid.json                written when a restore finds the files corrupt
       events.jsonl                  the run's event log
       summary.json                  written when the run ends
-      chaos/                        one marker per fault-injection entry that has fired
+      chaos/                        one marker per injected fault that has fired (JSON)
+      chaos-requests/               faults sent to the running job by `orchestrator chaos`
       probes/<token>/               the workers' start-up check that they share the storage
                                     (storage_probe.py), removed when it is done
 """
@@ -24,6 +25,7 @@ EVENTS = "events.jsonl"
 EVENTS_SEGMENTS = "events"
 SUMMARY = "summary.json"
 CHAOS = "chaos"
+CHAOS_REQUESTS = "chaos-requests"
 LEASES = "lease"
 PROBES = "probes"
 SAVE_DIR_PREFIX = "save-"
@@ -86,6 +88,10 @@ class RunLayout:
     @property
     def chaos(self) -> tuple[str, ...]:
         return (self.run_name, CHAOS)
+
+    @property
+    def chaos_requests(self) -> tuple[str, ...]:
+        return (self.run_name, CHAOS_REQUESTS)
 
     @property
     def leases(self) -> tuple[str, ...]:

@@ -41,7 +41,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 import orchestrator
-from orchestrator.chaos import FaultInjector
+from orchestrator.chaos.inject import FaultInjector
 from orchestrator.checkpoint import commit, housekeeping
 from orchestrator.checkpoint.layout import SAVE_DIR_PREFIX, RunLayout
 from orchestrator.checkpoint.manifest import FileEntry, Manifest

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -84,6 +85,38 @@ def storage_options(url: str) -> dict[str, Any]:
         return {"config_kwargs": {"retries": {"mode": "standard",
                                               "max_attempts": S3_MAX_ATTEMPTS}}}
     return {}
+
+
+class InjectedFaults:
+    """Storage faults injected by chaos (fail_reads, delay_writes, ...) into this process's
+    next storage operations. Checked inside each operation, under its retries: a read that
+    fails once is retried as a real one would be. Thread-safe: background saves write too."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._armed: list[list] = []  # [op, count left, delay_s]
+
+    def arm(self, op: str, count: int, delay_s: float = 0.0) -> None:
+        """The next `count` operations `op` ('read' or 'write') fail with EIO, or take
+        `delay_s` longer when it is > 0."""
+        with self._lock:
+            self._armed.append([op, count, delay_s])
+
+    def check(self, op: str) -> None:
+        with self._lock:
+            armed = next((a for a in self._armed if a[0] == op), None)
+            if armed is None:
+                return
+            armed[1] -= 1
+            if armed[1] <= 0:
+                self._armed.remove(armed)
+        if armed[2] > 0:
+            time.sleep(armed[2])
+            return
+        raise OSError(errno.EIO, f"injected storage fault: a {op} failed (chaos)")
+
+
+INJECTED = InjectedFaults()
 
 
 def with_retries(op: Callable[[], T], what: str, *, attempts: int = RETRY_ATTEMPTS,
@@ -186,7 +219,10 @@ class Storage:
                 for e in entries]
 
     def read_bytes(self, *parts: str) -> bytes:
-        return self.retry(lambda: self.fs.cat_file(self.path(*parts)), "read")
+        def read() -> bytes:
+            INJECTED.check("read")
+            return self.fs.cat_file(self.path(*parts))
+        return self.retry(read, "read")
 
     def open_read(self, *parts: str):
         path = self.path(*parts)
@@ -194,7 +230,10 @@ class Storage:
             # s3fs pins the ETag it last listed; a file replaced since (by another process)
             # would then fail to open instead of being read as it is now.
             self.fs.invalidate_cache(path)
-        return self.retry(lambda: self.fs.open(path, "rb"), "open")
+        def open_() -> Any:
+            INJECTED.check("read")
+            return self.fs.open(path, "rb")
+        return self.retry(open_, "open")
 
     def write_atomic(self, data: bytes, *parts: str) -> None:
         """Make `data` appear at the path whole or not at all.
@@ -205,8 +244,12 @@ class Storage:
         """
         target = self.path(*parts)
         if not self.is_local:
-            self.retry(lambda: self.fs.pipe_file(target, data), "write")
+            def put() -> None:
+                INJECTED.check("write")
+                self.fs.pipe_file(target, data)
+            self.retry(put, "write")
             return
+        INJECTED.check("write")
         folder, tmp = _durable_temp(target, data)
         os.replace(tmp, target)
         fsync_dir(folder)

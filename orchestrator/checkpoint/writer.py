@@ -18,6 +18,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.manifest import FileEntry, new_hasher
 from orchestrator.checkpoint.safe_load import SafeFileSystemReader, SafeFsspecReader
+from orchestrator.checkpoint.storage import INJECTED
 
 
 class _HashingStream:
@@ -46,7 +47,8 @@ class _HashingStream:
 
 
 class _HashingFileSystem:
-    """Wraps DCP's FileSystem: every file written is hashed, by base name, in `written`."""
+    """Wraps DCP's FileSystem: every file written is hashed, by base name, in `written`; and
+    every stream opened meets the storage faults chaos injected (storage.INJECTED)."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
@@ -55,6 +57,7 @@ class _HashingFileSystem:
 
     @contextmanager
     def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
+        INJECTED.check("write" if "w" in mode else "read")
         with self._inner.create_stream(path, mode) as raw:
             if "w" not in mode:
                 yield raw
@@ -94,5 +97,8 @@ def reader(layout: RunLayout, step: int, data_dir: str) -> Any:
     storage = layout.storage
     parts = layout.data_dir(step, data_dir)
     if storage.is_local:
-        return SafeFileSystemReader(storage.path(*parts))
-    return SafeFsspecReader(storage.url_of(*parts), **storage.options)
+        r = SafeFileSystemReader(storage.path(*parts))
+    else:
+        r = SafeFsspecReader(storage.url_of(*parts), **storage.options)
+    r.fs = _HashingFileSystem(r.fs)  # hashes nothing here: it only meets injected faults
+    return r

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from orchestrator.chaos import FaultPlan
 from orchestrator.checkpoint import commit
 from orchestrator.checkpoint.consolidate import load_full_state
 from orchestrator.checkpoint.manifest import FORMAT_VERSION
@@ -45,7 +46,7 @@ def reference(ray_cluster, tmp_path_factory):
 def test_async_save_killed_during_its_background_write_resumes_to_the_same_weights(
         ray_cluster, tmp_path, reference, mode):
     config = gpt_job(tmp_path, f"async-{mode}", checkpoint={"async_mode": mode},
-                     chaos={"kill_during_save": [{"rank": 1, "step": 15}]})
+                     chaos=FaultPlan().kill_during_save(rank=1, step=15).config())
     result, layout = run_job(config)
 
     assert result.succeeded, result.message
@@ -62,7 +63,7 @@ def test_a_corrupted_shard_in_the_latest_checkpoint_falls_back_to_the_previous(
         ray_cluster, tmp_path, reference):
     # A run killed at step 22 with no restarts left: steps 5 to 20 are committed.
     config = gpt_job(tmp_path, "corrupt", failure={"max_restarts": 0},
-                     chaos={"kill": [{"rank": 0, "step": 22}]})
+                     chaos=FaultPlan().kill_at(rank=0, step=22).config())
     result, layout = run_job(config)
     assert not result.succeeded
     manifest = commit.read_manifest(layout, 20)
@@ -186,7 +187,7 @@ def test_a_job_on_s3_survives_a_kill_and_never_writes_the_credentials(ray_cluste
                   "args": {"steps": 12, "step_time_s": 0.5}},
         scaling={"num_workers": 2},
         checkpoint={"interval_steps": 4, "async_mode": "thread", "keep_last": 1},
-        chaos={"kill": [{"rank": 1, "step": 7}]})
+        chaos=FaultPlan().kill_at(rank=1, step=7).config())
     with caplog.at_level("DEBUG"):
         result, layout = run_job(config)
     assert result.succeeded, result.message

@@ -65,11 +65,14 @@ def test_a_crash_loop_exits_nonzero_with_the_failures(ray_cluster, tmp_path):
     proc = orchestrator(
         "run", "--address", ray_cluster, "--set", f"run.storage={tmp_path}",
         "--set", "run.name=crash", "--set", "workload.entrypoint=workloads.mlp:train",
-        "--set", "workload.args={steps: 8, raise_at_step: 3}", "--set", "failure.crash_loop_limit=2",
+        "--set", "workload.args={steps: 8}", "--set", "failure.crash_loop_limit=2",
+        "--set", "chaos.faults=[{kind: raise, rank: 0, at_step: 3, repeat: true}, "
+                 "{kind: raise, rank: 1, at_step: 3, repeat: true}]",
         "--set", "checkpoint.interval_steps=2")
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "job stopped" in proc.stderr and "failure.crash_loop_limit=2" in proc.stderr
-    assert "attempt 0: ranks 0,1: user_error: RuntimeError: injected bug at step 3" in proc.stderr
+    assert ("attempt 0: ranks 0,1: user_error: InjectedFault: injected fault: raise at step 3"
+            in proc.stderr)
     summary = json.loads((tmp_path / "crash" / "summary.json").read_text())
     assert summary["status"] == "failed" and len(summary["failures"]) == 4
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.chaos import FaultPlan
 from orchestrator.data.prepare import prepare
 from tests.helpers import assert_same_final_state, events_of, make_config, run_job
 
@@ -97,7 +98,7 @@ def assert_same_samples(trace: dict, ref: dict) -> None:
 def test_a_worker_killed_mid_epoch_resumes_with_the_same_samples_and_weights(
         ray_cluster, corpus, reference, tmp_path, variant):
     config = data_job(tmp_path, "kill", corpus, tmp_path / "trace", variant=variant,
-                      chaos={"kill": [{"rank": 1, "step": 12}]})
+                      chaos=FaultPlan().kill_at(rank=1, step=12).config())
     result, layout = run_job(config)
 
     assert result.succeeded, result.message
@@ -144,7 +145,7 @@ def test_on_s3_a_killed_worker_resumes_with_the_same_samples_and_weights(
     data = f"{s3_bucket}/corpus"
     prepare(data, **CORPUS)  # the same bytes as the local corpus, so the same samples
     config = data_job(f"{s3_bucket}/runs", "s3kill", data, tmp_path / "trace",
-                      chaos={"kill": [{"rank": 0, "step": 7}]})
+                      chaos=FaultPlan().kill_at(rank=0, step=7).config())
     result, layout = run_job(config)
 
     assert result.succeeded, result.message

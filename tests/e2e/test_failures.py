@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from orchestrator.chaos import FaultPlan
 from tests.helpers import assert_same_final_state, events_of, make_config, run_job
 
 pytestmark = pytest.mark.e2e
@@ -22,8 +23,8 @@ def mlp_job(tmp_path, name: str, args: dict, max_restarts: int = 3, failure=None
 
 
 def test_user_error_on_first_attempt_restarts_and_completes(ray_cluster, tmp_path):
-    args = {"steps": 12, "raise_at_step": 6, "fault_attempts": [0]}
-    result, layout = run_job(mlp_job(tmp_path, "bug-once", args))
+    plan = FaultPlan().raise_at(rank=0, step=6).raise_at(rank=1, step=6)
+    result, layout = run_job(mlp_job(tmp_path, "bug-once", {"steps": 12}, chaos=plan.config()))
 
     assert result.succeeded, result.message
     # The bug is in every rank's code: one incident, one failure event per rank, grouped in
@@ -31,12 +32,15 @@ def test_user_error_on_first_attempt_restarts_and_completes(ray_cluster, tmp_pat
     failures = events_of(layout, "failure")
     assert sorted(f["rank"] for f in failures) == [0, 1]
     for failure in failures:
-        assert failure["failure_kind"] == "user_error" and failure["step"] == 5
-        assert "RuntimeError: injected bug at step 6" in failure["message"]
+        assert failure["failure_kind"] == "user_error" and failure["step"] == 6
+        assert "InjectedFault: injected fault: raise at step 6 (config)" in failure["message"]
         assert "Traceback (most recent call last)" in failure["traceback"]
         assert "workloads/mlp.py" in failure["traceback"]
     (decision,) = events_of(layout, "decision")
-    assert decision["reason"].startswith("ranks 0,1: user_error: RuntimeError: injected bug")
+    assert decision["reason"].startswith("ranks 0,1: user_error: InjectedFault: injected fault")
+    fired = events_of(layout, "fault_fired")
+    assert sorted((f["fault_id"], f["source"], f["rank"], f["step"]) for f in fired) == [
+        ("raise-rank0-step6", "config", 0, 6), ("raise-rank1-step6", "config", 1, 6)]
     assert [e["from_step"] for e in events_of(layout, "restart")] == [4]
     assert result.summary["steps_completed"] == 12
 
@@ -44,18 +48,18 @@ def test_user_error_on_first_attempt_restarts_and_completes(ray_cluster, tmp_pat
 def test_user_error_on_one_rank_is_blamed_on_that_rank(ray_cluster, tmp_path):
     """Rank 1 raises while rank 0 blocks in the next collective: the driver must not wait for
     rank 0 (it would wait for the collective timeout) and must blame rank 1 alone."""
-    args = {"steps": 10, "raise_at_step": 5, "fault_ranks": [1], "fault_attempts": [0]}
-    result, layout = run_job(mlp_job(tmp_path, "bug-rank1", args))
+    plan = FaultPlan().raise_at(rank=1, step=5)
+    result, layout = run_job(mlp_job(tmp_path, "bug-rank1", {"steps": 10}, chaos=plan.config()))
 
     assert result.succeeded, result.message
     (failure,) = events_of(layout, "failure")
-    assert (failure["failure_kind"], failure["rank"], failure["step"]) == ("user_error", 1, 4)
-    assert "injected bug at step 5" in failure["message"]
+    assert (failure["failure_kind"], failure["rank"], failure["step"]) == ("user_error", 1, 5)
+    assert "injected fault: raise at step 5" in failure["message"]
 
 
 def test_max_restarts_exceeded_fails_with_the_failures_listed(ray_cluster, tmp_path):
-    chaos = {"kill": [{"rank": 1, "step": 3}, {"rank": 0, "step": 6}, {"rank": 1, "step": 9}]}
-    config = mlp_job(tmp_path, "kills", {"steps": 12}, max_restarts=2, chaos=chaos)
+    plan = FaultPlan().kill_at(rank=1, step=3).kill_at(rank=0, step=6).kill_at(rank=1, step=9)
+    config = mlp_job(tmp_path, "kills", {"steps": 12}, max_restarts=2, chaos=plan.config())
     result, layout = run_job(config)
 
     assert not result.succeeded
@@ -70,13 +74,14 @@ def test_max_restarts_exceeded_fails_with_the_failures_listed(ray_cluster, tmp_p
 
 
 def test_a_deterministic_bug_stops_after_crash_loop_limit_attempts(ray_cluster, tmp_path):
-    config = mlp_job(tmp_path, "bug-always", {"steps": 12, "raise_at_step": 6},
+    plan = FaultPlan().raise_at(rank=0, step=6, repeat=True)
+    config = mlp_job(tmp_path, "bug-always", {"steps": 12}, chaos=plan.config(),
                      max_restarts=10, failure={"crash_loop_limit": 2, "max_user_errors": 10})
     result, layout = run_job(config)
 
     assert not result.succeeded
     assert "crash loop (failure.crash_loop_limit=2)" in result.message
-    assert "RuntimeError: injected bug at step 6" in result.message
+    assert "InjectedFault: injected fault: raise at step 6" in result.message
     assert len(events_of(layout, "restart")) == 1  # 2 attempts, no third
     summary = json.loads(layout.storage.read_bytes(*layout.summary))
     assert {f["attempt"] for f in summary["failures"]} == {0, 1}
@@ -84,8 +89,8 @@ def test_a_deterministic_bug_stops_after_crash_loop_limit_attempts(ray_cluster, 
 
 def test_an_intermittent_bug_is_restarted_through(ray_cluster, tmp_path):
     """The same bug on two attempts, below crash_loop_limit=3, then gone: the job completes."""
-    args = {"steps": 12, "raise_at_step": 6, "fault_attempts": [0, 1]}
-    result, layout = run_job(mlp_job(tmp_path, "bug-twice", args,
+    plan = FaultPlan().raise_at(rank=1, step=6).raise_at(rank=1, step=6)
+    result, layout = run_job(mlp_job(tmp_path, "bug-twice", {"steps": 12}, chaos=plan.config(),
                                      failure={"crash_loop_limit": 3, "backoff_initial_s": 0.1}))
     assert result.succeeded, result.message
     assert len(events_of(layout, "restart")) == 2
@@ -99,9 +104,11 @@ def test_survivors_are_reused_and_a_spare_takes_the_lost_rank_many_times_in_a_ro
     """Six kills in a row: each time the survivor's process group is re-formed in the same
     process, and the lost rank goes to the spare (warm, or still starting after the previous
     kill used the last one)."""
-    kills = [{"rank": 1, "step": s} for s in (20, 23, 26, 29, 32, 35)]
+    plan = FaultPlan()
+    for step in (20, 23, 26, 29, 32, 35):
+        plan.kill_at(rank=1, step=step)
     config = mlp_job(tmp_path, "chain", {"steps": 40, "step_time_s": 0.1}, max_restarts=6,
-                     failure={"backoff_initial_s": 0}, chaos={"kill": kills},
+                     failure={"backoff_initial_s": 0}, chaos=plan.config(),
                      scaling={"num_workers": 2, "spare_workers": 1,
                               "resources_per_worker": {"CPU": 0.5}})
     result, layout = run_job(config)

@@ -10,6 +10,7 @@ import time
 import psutil
 import pytest
 
+from orchestrator.chaos import FaultPlan
 from tests.helpers import (assert_same_final_state, events_of, make_config, poll_until,
                            run_job)
 
@@ -75,8 +76,8 @@ def test_a_sigstopped_worker_is_detected_within_the_timeout_and_the_run_complete
 def test_a_blocked_collective_is_a_hang_and_the_run_completes(ray_cluster, tmp_path, reference):
     """Rank 1 blocks forever at step 12 of the first attempt; rank 0 waits for it in the next
     collective. Both still answer polls, so both are hung: both are replaced."""
-    args = {**ARGS, "hang_at_step": 12, "fault_ranks": [1], "fault_attempts": [0]}
-    result, layout = run_job(mlp_job(tmp_path, "blocked", args))
+    plan = FaultPlan().block_at(rank=1, step=12)
+    result, layout = run_job(mlp_job(tmp_path, "blocked", ARGS, chaos=plan.config()))
     assert result.succeeded, result.message
     assert {(f["failure_kind"], f["rank"]) for f in events_of(layout, "failure")} == {
         ("hang", 0), ("hang", 1)}

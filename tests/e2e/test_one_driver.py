@@ -128,7 +128,7 @@ def test_a_restarted_driver_continues_the_job_without_starting_it_over(
     first = driver(ray_cluster, storage, "cont")
     assert first.wait(timeout=300) == 0
     start_over = ("checkpoint.restore=20", "checkpoint.overwrite=true",
-                  "chaos.kill=[{rank: 1, step: 23}]", "failure.max_restarts=1")
+                  "chaos.faults=[{kind: kill, rank: 1, at_step: 23}]", "failure.max_restarts=1")
     job = driver(ray_cluster, storage, "cont", *start_over)
     try:
         # SIGKILL the driver once its job committed a checkpoint of its own (after 25).

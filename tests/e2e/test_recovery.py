@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from orchestrator.chaos import FaultPlan
 from tests.helpers import assert_same_final_state, events_of, make_config, run_job
 
 pytestmark = pytest.mark.e2e
@@ -46,7 +47,7 @@ def uninterrupted(ray_cluster, tmp_path_factory):
 @pytest.mark.parametrize("variant", ["ddp", "fsdp_ac"])
 def test_kill_after_commit_restarts_once_from_latest_committed(ray_cluster, tmp_path,
                                                                uninterrupted, variant):
-    config = gpt_job(tmp_path, variant, "kill", chaos={"kill": [{"rank": 1, "step": 12}]})
+    config = gpt_job(tmp_path, variant, "kill", chaos=FaultPlan().kill_at(rank=1, step=12).config())
     result, layout = run_job(config)
 
     assert result.succeeded, result.message
@@ -64,7 +65,7 @@ def test_kill_after_commit_restarts_once_from_latest_committed(ray_cluster, tmp_
 @pytest.mark.parametrize("rank", [0, 1])
 def test_kill_during_save_never_restores_that_step(ray_cluster, tmp_path, uninterrupted, rank):
     config = gpt_job(tmp_path, "ddp", f"save{rank}",
-                     chaos={"kill_during_save": [{"rank": rank, "step": 15}]})
+                     chaos=FaultPlan().kill_during_save(rank=rank, step=15).config())
     result, layout = run_job(config)
 
     assert result.succeeded, result.message
@@ -78,7 +79,7 @@ def test_kill_during_save_never_restores_that_step(ray_cluster, tmp_path, uninte
 
 
 def test_two_failures_on_different_ranks_and_steps(ray_cluster, tmp_path, uninterrupted):
-    chaos = {"kill": [{"rank": 1, "step": 8}], "kill_during_save": [{"rank": 0, "step": 20}]}
+    chaos = FaultPlan().kill_at(rank=1, step=8).kill_during_save(rank=0, step=20).config()
     result, layout = run_job(gpt_job(tmp_path, "ddp", "two", chaos=chaos))
 
     assert result.succeeded, result.message
@@ -99,7 +100,7 @@ def test_kill_and_resume_with_each_activation_checkpointing_mode(ray_cluster, tm
         "entrypoint": "workloads.gpt:train",
         "args": {**VARIANTS["ddp"], "activation_checkpointing": mode}},
         scaling={"num_workers": 2}, checkpoint={"interval_steps": 5},
-        chaos={"kill": [{"rank": 0, "step": 7}]})
+        chaos=FaultPlan().kill_at(rank=0, step=7).config())
     result, layout = run_job(config)
     assert result.succeeded, result.message
     assert [e["from_step"] for e in events_of(layout, "restart")] == [5]

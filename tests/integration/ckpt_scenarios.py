@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from orchestrator.chaos import FaultInjector
+from orchestrator.chaos.inject import FaultInjector
 from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.manager import CheckpointManager
 from orchestrator.checkpoint.selection import RestorePlan

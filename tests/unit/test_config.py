@@ -9,7 +9,7 @@ workload:   {entrypoint: "workloads.gpt:train", args: {steps: 40, seed: 0}}
 scaling:    {num_workers: 2, resources_per_worker: {CPU: 1}}
 checkpoint: {interval_steps: 5}
 failure:    {max_restarts: 3}
-chaos:      {kill: [{rank: 1, step: 12}], kill_during_save: [{rank: 0, step: 20}]}
+chaos:      {faults: [{kind: kill, rank: 1, at_step: 12}, {kind: kill_during_save, rank: 0, at_step: 20}]}
 """
 
 
@@ -23,18 +23,19 @@ def test_the_documented_example_loads_into_typed_sections(tmp_path):
     config = load_config(write(tmp_path, ISSUE_EXAMPLE))
     assert isinstance(config, JobConfig)
     assert config.scaling.num_workers == 2 and config.scaling.resources_per_worker == {"CPU": 1.0}
-    assert config.chaos.kill[0].rank == 1 and config.chaos.kill[0].step == 12
-    assert config.chaos.kill_during_save[0].step == 20
+    kill, during_save = config.chaos.faults
+    assert (kill.kind, kill.rank, kill.at_step) == ("kill", 1, 12)
+    assert (during_save.kind, during_save.at_step) == ("kill_during_save", 20)
     assert config.workload.args == {"steps": 40, "seed": 0}
 
 
 def test_set_overrides_nested_keys_with_yaml_values(tmp_path):
     config = load_config(write(tmp_path, ISSUE_EXAMPLE), [
-        "scaling.num_workers=4", "workload.args.parallelism=fsdp", "chaos.kill=[]",
+        "scaling.num_workers=4", "workload.args.parallelism=fsdp", "chaos.faults=[]",
         "failure.failure_grace_s=2"])
     assert config.scaling.num_workers == 4
     assert config.workload.args["parallelism"] == "fsdp"
-    assert config.chaos.kill == []
+    assert config.chaos.faults == []
     assert config.failure.failure_grace_s == 2.0
 
 
@@ -56,8 +57,14 @@ def test_set_overrides_nested_keys_with_yaml_values(tmp_path):
     (ISSUE_EXAMPLE, ["checkpoint.interval_s=-5"], "checkpoint.interval_s"),
     (ISSUE_EXAMPLE, ["checkpoint.restore_parts=train.model"], "checkpoint.restore_parts"),
     (ISSUE_EXAMPLE, ["failure.max_restarts=-1"], "failure.max_restarts"),
-    (ISSUE_EXAMPLE, ["chaos.kill=[{rank: 5, step: 3}]"], "chaos.kill.rank"),
-    (ISSUE_EXAMPLE, ["chaos.kill=[{rank: 1}]"], "chaos.kill[0]"),
+    (ISSUE_EXAMPLE, ["chaos.faults=[{kind: kill, rank: 5, at_step: 3}]"], "chaos.faults.rank"),
+    (ISSUE_EXAMPLE, ["chaos.faults=[{rank: 1}]"], "chaos.faults[0]"),
+    (ISSUE_EXAMPLE, ["chaos.faults=[{kind: explode}]"], "chaos.faults.kind"),
+    (ISSUE_EXAMPLE, ["chaos.faults=[{kind: kill, at_step: 3, at_s: 5}]"], "not both"),
+    (ISSUE_EXAMPLE, ["chaos.faults=[{kind: delay_reads, count: 2}]"], "chaos.faults.delay_s"),
+    (ISSUE_EXAMPLE, ["chaos.faults=[{kind: raise, repeat: true}]"], "chaos.faults.repeat"),
+    (ISSUE_EXAMPLE, ["chaos.random={rate_per_min: 2, kinds: [teleport]}"], "chaos.random.kinds"),
+    (ISSUE_EXAMPLE, ["chaos.kill=[{rank: 1, step: 3}]"], "write chaos.faults"),
     (ISSUE_EXAMPLE, ["workload.entrypoint=no_such_module:train"], "workload.entrypoint"),
     (ISSUE_EXAMPLE, ["workload.entrypoint=workloads.gpt"], "workload.entrypoint"),
     (ISSUE_EXAMPLE, ["scaling.placement_strategy=RANDOM"], "scaling.placement_strategy"),

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from orchestrator.chaos import FaultPlan
 from orchestrator.checkpoint import commit
 from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.manifest import Manifest
@@ -37,6 +38,8 @@ class FakeGroup:
         self.stop_requests: list = []
         self.draining: set[int] = set()
         self.can_grow = False
+        self.injected: list = []
+        self.drained: list[int] = []
         self._batches: list[list[RankResult]] = []
 
     def form(self, lost_ranks):
@@ -78,6 +81,16 @@ class FakeGroup:
     def kill(self, ranks):
         self.killed |= set(ranks)
 
+    def inject(self, rank, fault):
+        self.injected.append((rank, fault))
+
+    def drain_node(self, rank):
+        self.drained.append(rank)
+        return ""
+
+    def cannot_kill_node(self, rank):
+        return ""
+
     def shutdown(self):
         self.shutdowns += 1
 
@@ -101,7 +114,7 @@ def layout():
 
 def config_for(layout, **failure):
     return make_config(layout.storage.url, "run", failure={"failure_grace_s": 0.01, **failure},
-                       chaos={"kill": [{"rank": 1, "step": 12}]})
+                       chaos=FaultPlan().kill_at(rank=1, step=12).config())
 
 
 def commit_step(layout, step):
@@ -124,7 +137,7 @@ def test_happy_path_one_transition_at_a_time(layout):
     assert isinstance(driver.state, Running) and driver.state.attempt == 0
     spec = group.launched[0]
     assert spec.restore.candidates == [] and spec.attempt == 0
-    assert [f.marker for f in spec.faults] == ["kill-rank1-step12"]
+    assert [f.id for f in spec.faults] == ["kill-rank1-step12"]
 
     driver.step()  # nothing ended yet
     assert isinstance(driver.state, Running)
@@ -162,7 +175,7 @@ def test_worker_death_recovers_from_the_latest_committed_checkpoint(layout):
     assert driver.state == Succeeded()
     # Step 15's folder (no manifest) is debris, removed at job start.
     assert kinds(driver) == ["checkpoint_debris_removed", "workers_started", "first_step",
-                             "failure", "decision", "restart", "workers_started"]
+                             "failure", "decision", "restart", "workers_started", "fault_fired"]
     assert not layout.storage.exists(*layout.step_dir(15))
 
 

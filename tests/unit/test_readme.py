@@ -34,5 +34,5 @@ def test_the_main_job_config_exists_and_injects_the_documented_kills():
 
     config = load_config(ROOT / "examples" / "gpt.yaml")
     assert config.workload.entrypoint == "workloads.gpt:train"
-    assert [(p.rank, p.step) for p in config.chaos.kill] == [(1, 12)]
-    assert [(p.rank, p.step) for p in config.chaos.kill_during_save] == [(0, 20)]
+    assert [(f.kind, f.rank, f.at_step) for f in config.chaos.faults] == [
+        ("kill", 1, 12), ("kill_during_save", 0, 20)]
