@@ -357,10 +357,15 @@ class Driver:
         out = []
         for fault in self._chaos.for_attempt(self._clock()):
             if fault.kind == "kill_node" and (why := self._group.cannot_kill_node(fault.rank)):
-                self.events.emit("fault_skipped", **fault.to_event(), reason=why)
+                self._skip(fault, why)
                 continue
             out.append(fault)
         return out
+
+    def _skip(self, fault: Fault, why: str) -> None:
+        self._chaos.skip(fault)
+        self.events.emit("fault_skipped", **fault.to_event(), reason=why)
+        log.warning("chaos: %s skipped: %s", fault.id, why)
 
     def _report_chaos(self) -> None:
         for kind, fields in self._chaos.refresh():
@@ -387,7 +392,7 @@ class Driver:
         else:
             why = ""
         if why:
-            self.events.emit("fault_skipped", **fault.to_event(), reason=why)
+            self._skip(fault, why)
             return
         if not fault.by_driver:
             self._group.inject(fault.rank, fault)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +17,24 @@ from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.config import JobConfig, from_dict
 from orchestrator.events import read_events
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_driver(address: str, storage: str | Path, name: str, args: dict[str, Any],
+                 *overrides: str, interval_steps: int = 5) -> subprocess.Popen:
+    """`orchestrator run` of the MLP workload as its own process, on the cluster at
+    `address`, as a user or a scheduler would start it; stdout and stderr together."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", "--address", address,
+         "--set", f"run.storage={storage}", "--set", f"run.name={name}",
+         "--set", "workload.entrypoint=workloads.mlp:train",
+         "--set", f"workload.args={json.dumps(args)}",
+         "--set", f"checkpoint.interval_steps={interval_steps}",
+         *[a for o in overrides for a in ("--set", o)]],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def make_config(storage: str, name: str = "run", **sections: dict[str, Any]) -> JobConfig:

@@ -54,7 +54,7 @@ class Fault:
     def to_event(self) -> dict[str, Any]:
         spec = _non_default(self.spec)
         return {"fault_id": self.id, "source": self.source, "fault_kind": spec.pop("kind"),
-                **spec}
+                "rank": self.spec.rank, **spec}
 
 
 class FaultPlan:

@@ -27,6 +27,7 @@ class ChaosSchedule:
         self.started_at = started_at
         self._fired: set[str] = set(fired_markers(layout))
         self._requests_seen: set[str] = set()
+        self._skipped: set[str] = set()
         self._handed: set[str] = set()
         """Faults given to the running attempt (worker faults) or carried out (driver
         faults: once per driver)."""
@@ -64,7 +65,12 @@ class ChaosSchedule:
         return events
 
     def pending(self) -> list[Fault]:
-        return [f for f in self._faults.values() if f.spec.repeat or f.id not in self._fired]
+        return [f for f in self._faults.values()
+                if (f.spec.repeat or f.id not in self._fired) and f.id not in self._skipped]
+
+    def skip(self, fault: Fault) -> None:
+        """Never hand `fault` out again in this driver: it cannot be carried out here."""
+        self._skipped.add(fault.id)
 
     def for_attempt(self, now: float) -> list[Fault]:
         """The worker faults a new attempt starts with."""

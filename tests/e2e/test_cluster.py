@@ -19,6 +19,7 @@ import ray
 from orchestrator.checkpoint.commit import committed_checkpoints
 from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.storage import Storage
+from tests import helpers
 from tests.helpers import (assert_same_final_state, events_of, make_config, poll_until,
                            run_job)
 
@@ -29,16 +30,7 @@ ARGS = {"steps": 60, "step_time_s": 0.05}
 
 
 def start_driver(address: str, storage: Path, name: str, *overrides: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", "--address", address,
-         "--set", f"run.storage={storage}", "--set", f"run.name={name}",
-         "--set", "workload.entrypoint=workloads.mlp:train",
-         "--set", "workload.args={steps: 60, step_time_s: 0.05}",
-         "--set", "checkpoint.interval_steps=5", *[a for o in overrides for a in ("--set", o)]],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
+    return helpers.start_driver(address, storage, name, ARGS, *overrides)
 
 
 def events(layout: RunLayout, kind: str) -> list[dict]:

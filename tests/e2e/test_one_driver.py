@@ -7,10 +7,8 @@ on S3 (moto)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,8 @@ from orchestrator.checkpoint import commit
 from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.lease import LeaseRecord, current_generation
-from tests.helpers import assert_same_final_state, events_of, make_config, poll_until, run_job
+from tests.helpers import (assert_same_final_state, events_of, make_config, poll_until, run_job,
+                           start_driver)
 
 pytestmark = pytest.mark.e2e
 
@@ -29,15 +28,7 @@ ARGS = {"steps": 40, "step_time_s": 0.25}
 
 
 def driver(address: str, storage: str, name: str, *overrides: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", "--address", address,
-         "--set", f"run.storage={storage}", "--set", f"run.name={name}",
-         "--set", "workload.entrypoint=workloads.mlp:train",
-         "--set", f"workload.args={json.dumps(ARGS)}",
-         "--set", "checkpoint.interval_steps=5", "--set", "run.lease_timeout_s=6",
-         *[a for o in overrides for a in ("--set", o)]],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start_driver(address, storage, name, ARGS, "run.lease_timeout_s=6", *overrides)
 
 
 def committed(layout: RunLayout) -> list:
