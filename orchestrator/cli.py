@@ -2,6 +2,7 @@
 `orchestrator ckpt ls|show|verify|gc|export|import ...` (ckpt_cli.py)
 `orchestrator data prepare|verify ...` (data_cli.py)
 `orchestrator chaos RUN KIND ...` (chaos_cli.py): inject a fault into a running job
+`orchestrator report RUN ...` (report_cli.py): how a run went and where its time went
 
 The entry point is the only place that reads the environment (RAY_ADDRESS).
 Exit codes: 0 the job succeeded, 1 it failed, 2 the configuration or the command was wrong.
@@ -14,7 +15,7 @@ import logging
 import os
 import sys
 
-from orchestrator import chaos_cli, ckpt_cli, data_cli
+from orchestrator import chaos_cli, ckpt_cli, data_cli, report_cli
 from orchestrator.errors import CheckpointError, ConfigError, StorageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -30,12 +31,17 @@ def main(argv: list[str] | None = None) -> int:
                                        "an embedded local Ray)")
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+    run.add_argument("--metrics-export-port", type=int, default=None, metavar="PORT",
+                     help="the embedded Ray serves the job's metrics for Prometheus on "
+                          "127.0.0.1:PORT (orchestrator/metrics.py); with --address, the "
+                          "cluster's own metrics ports serve them")
     run.add_argument("--check", action="store_true",
                      help="check the config, the workload's arguments and data, and the "
                           "storage, then exit (0: it would start) without starting anything")
     ckpt_cli.add_parser(sub)
     data_cli.add_parser(sub)
     chaos_cli.add_parser(sub)
+    report_cli.add_parser(sub)
     args = parser.parse_args(argv)
     # Our own progress at INFO; libraries (botocore, Ray) only when they warn.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
@@ -49,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         return data_cli.main(args)
     if args.command == "chaos":
         return chaos_cli.main(args)
+    if args.command == "report":
+        return report_cli.main(args)
     return EXIT_USAGE
 
 
@@ -104,7 +112,8 @@ def _run(args: argparse.Namespace) -> int:
         ray.init(address=address)
     else:
         # "local": always a new instance, even if `ray start` left a cluster on this machine.
-        ray.init(address="local", include_dashboard=False)
+        ray.init(address="local", include_dashboard=False,
+                 _metrics_export_port=args.metrics_export_port)
         short = _beyond_this_machine(config.scaling, ray.cluster_resources())
         if short:
             # An embedded Ray cannot grow: waiting out the placement timeout helps nobody.
@@ -112,10 +121,21 @@ def _run(args: argparse.Namespace) -> int:
             lease.release()
             print(f"orchestrator: {short}", file=sys.stderr)
             return EXIT_USAGE
+    from orchestrator.metrics import RunMetrics
+    from orchestrator.progress import progress_display
+    from orchestrator.ray_logs import quiet_worker_deaths
+
+    quiet_worker_deaths()
+    driver = Driver(config, RayWorkerGroup(config), layout, lease=lease)
+    steps = config.workload.args.get("steps")
+    display = progress_display(sys.stderr, steps if isinstance(steps, int) else None,
+                               driver.goodput)
+    driver.events.subscribe(display)
+    driver.events.subscribe(RunMetrics(config.run.name, driver.goodput))
     try:
-        driver = Driver(config, RayWorkerGroup(config), layout, lease=lease)
         result = driver.run()
     finally:
+        display.close()
         ray.shutdown()
     stream = sys.stdout if result.succeeded else sys.stderr
     print(f"orchestrator: {result.message}", file=stream)
@@ -123,6 +143,9 @@ def _run(args: argparse.Namespace) -> int:
     print(f"orchestrator: steps={s['steps_completed']} restarts={s['restarts']} "
           f"lost_steps={s['lost_steps']} goodput={s['goodput']:.2f} wall={s['wall_s']:.1f}s "
           f"final_checkpoint_step={s['final_checkpoint_step']}", file=stream)
+    lost = sorted(((v, k) for k, v in s["time_s"].items() if k != "productive"), reverse=True)
+    print("orchestrator: time lost: " + ", ".join(f"{k} {v:.1f}s" for v, k in lost[:4] if v)
+          + f" (orchestrator report {layout.storage.url_of(layout.run_name)})", file=stream)
     if result.succeeded:
         return EXIT_OK
     return EXIT_USAGE if result.config_error else EXIT_FAILED

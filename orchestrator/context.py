@@ -161,6 +161,7 @@ class TrainContext:
         self._stop = stop
         self._agreed_stop = StopMode.NONE
         self._last_report = time.monotonic()
+        self._stall_reported_s = 0.0
 
     def restore(self, state: dict[str, Any]) -> int:
         """Load the latest committed checkpoint into `state`; return its step (0: fresh start).
@@ -182,7 +183,15 @@ class TrainContext:
     def save_checkpoint(self, step: int, state: dict[str, Any],
                         metrics: dict[str, float] | None = None) -> None:
         """Save and commit the checkpoint of `step`. Collective: every rank calls it."""
+        t0 = time.monotonic()
+        # Waits for a snapshot's copy inside the steps since the previous save (async modes).
+        gate_wait_s = self._checkpoints.stall_s - self._stall_reported_s
         self._checkpoints.save(step, state, metrics or {})
+        self._stall_reported_s = self._checkpoints.stall_s
+        if self.rank == 0:  # what training lost to this save, for the goodput breakdown
+            self._reporter.emit("checkpoint_stall", step=step,
+                                blocked_s=round(time.monotonic() - t0, 4),
+                                gate_wait_s=round(max(gate_wait_s, 0.0), 4))
         self._reporter.alive()
         self._last_save = time.monotonic()
         self._agreed_time_due = False

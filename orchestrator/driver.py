@@ -31,7 +31,8 @@ from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.storage_probe import write_driver_probe
 from orchestrator.config import JobConfig
 from orchestrator.errors import CheckpointError, PlacementError
-from orchestrator.events import EventLog, Goodput
+from orchestrator.events import EventLog
+from orchestrator.goodput import GoodputLedger
 from orchestrator.hangs import ProgressWatch
 from orchestrator.failures import (Action, Failure, FailureKind, Incident, RankResult, classify,
                                    decide, describe, is_peer_echo)
@@ -141,7 +142,13 @@ class Driver:
         self.events = EventLog(layout, clock)
         self.state: State = Starting(attempt=0)
         self.incidents: list[Incident] = []
-        self._goodput = Goodput(started_at=clock())
+        self.goodput = GoodputLedger()
+        """Where the job's time went, from its events (summary.json, the progress display)."""
+        for event in self.events.events():  # a continued job counts from its first start
+            self.goodput.add(event)
+        self.events.subscribe(self.goodput.add)  # first: watchers read it
+        self._span: dict | None = None
+        """Rank 0's steps since the last progress event: {first, last, busy_s, start, end}."""
         self._last_step: dict[int, int] = {}
         self._progress = ProgressWatch(range(0), monotonic(), config.failure.hang_timeout_s)
         self._awaiting_first_step = False
@@ -216,6 +223,8 @@ class Driver:
 
     def _set_state(self, new: State) -> None:
         log.info("%s -> %s", type(self.state).__name__, type(new).__name__)
+        if isinstance(self.state, Running):
+            self._emit_progress()  # the attempt's last steps, before what ended it
         self.events.emit("state", prev=type(self.state).__name__.upper(),
                          next=type(new).__name__.upper())
         self.state = new
@@ -250,7 +259,10 @@ class Driver:
         if state.attempt > 0:
             self.events.emit("restart", attempt=state.attempt, from_step=from_step,
                              replaced_ranks=sorted(state.lost))
-            self._goodput.record_restore(from_step)
+            log.warning("attempt %d: %s, resuming from %s", state.attempt,
+                        f"replacing rank(s) {','.join(map(str, sorted(state.lost)))}"
+                        if state.lost else "restarting the gang",
+                        f"the checkpoint of step {from_step}" if from_step else "the start")
         try:
             if state.regroup:
                 self._group.shutdown()
@@ -443,7 +455,6 @@ class Driver:
         step any rank is known to have reached is where the dead one died."""
         known = [r.step for r in results.values()] + list(self._last_step.values())
         gang_step = max(known, default=0)
-        self._goodput.record_reached(gang_step)
         return [replace(r, step=gang_step) if r.step < 0 else r for r in results.values()]
 
     def _absorb(self, reports: list[WorkerReport]) -> None:
@@ -454,27 +465,43 @@ class Driver:
             for event in report.events:
                 kind = event.pop("kind")
                 self.events.emit(kind, rank=report.rank, **event)
-                if kind == "checkpoint_restored" and report.rank == 0:
-                    self._goodput.record_restore(event["step"])
                 if kind == "checkpoint_committed":
                     self._committed_by_this_job = True
             if report.rank == 0 and report.step_durations:
                 self._attempt_span = (self._attempt_span or (now, now))[0], now
-                if now >= self._next_progress_log:
-                    self._next_progress_log = now + PROGRESS_EVERY_S
-                    self.events.emit("progress", attempt=self.state.attempt, step=report.step,
-                                     metrics=report.metrics)
-                    log.info("step %d %s", report.step, " ".join(
-                        f"{k}={v:.4g}" for k, v in report.metrics.items()))
-                for step, duration_s, _ in report.step_durations:
-                    self._goodput.record_step(step, duration_s)
+                self._add_to_span(report)
                 if self._awaiting_first_step:
                     self._awaiting_first_step = False
                     step, _, end_time = report.step_durations[0]
                     self.events.emit("first_step", attempt=self.state.attempt, step=step,
                                      step_end_time=round(end_time, 3))
+                if now >= self._next_progress_log:
+                    self._next_progress_log = now + PROGRESS_EVERY_S
+                    self._emit_progress()
+
+    def _add_to_span(self, report: WorkerReport) -> None:
+        first_step, first_s, first_end = report.step_durations[0]
+        span = self._span or {"first": first_step, "last": first_step, "busy_s": 0.0,
+                              "start": first_end - first_s, "end": first_end}
+        for step, duration_s, end_time in report.step_durations:
+            span["last"], span["end"] = step, end_time
+            span["busy_s"] += duration_s
+        span["metrics"] = report.metrics
+        self._span = span
+
+    def _emit_progress(self) -> None:
+        """Rank 0's steps since the last progress event, with its latest metrics: what the
+        progress display, the metrics and the goodput ledger read."""
+        span, self._span = self._span, None
+        if span is None:
+            return
+        metrics = span.pop("metrics")
+        self.events.emit("progress", attempt=self.state.attempt, step=span["last"],
+                         metrics=metrics, span={k: round(v, 4) if isinstance(v, float) else v
+                                                for k, v in span.items()})
 
     def _on_incident(self, attempt: int, failures: list[Failure]) -> None:
+        self._emit_progress()  # the steps before the failure come first in the log
         first, last = self._attempt_span or (0.0, 0.0)
         progress_s = last - first
         self.incidents.append(Incident(attempt=attempt, failures=tuple(failures),
@@ -518,7 +545,7 @@ class Driver:
         candidates, _ = committed_checkpoints(self._layout)
         return {
             "status": "succeeded" if succeeded else "failed",
-            **self._goodput.summary(self._clock()),
+            **self.goodput.breakdown(self._clock()).to_summary(),
             "restarts": sum(1 for e in self.events.events("restart")),
             "failures": [f.to_event() for i in self.incidents for f in i.failures],
             "final_checkpoint_step": candidates[0].step if candidates else None,

@@ -1,4 +1,4 @@
-"""The run's event log and its goodput accounting (summary.json).
+"""The run's event log.
 
 The driver is the only writer. On local disk the log is `events.jsonl`, and each event is
 appended as it happens. Object stores cannot append, and rewriting the whole log per event
@@ -19,8 +19,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from orchestrator.checkpoint.layout import RunLayout
 
@@ -28,7 +27,7 @@ log = logging.getLogger(__name__)
 
 SEGMENT_LINES = 500
 FLUSH_INTERVAL_S = 10.0
-BUFFERED_KINDS = frozenset({"progress", "state"})
+BUFFERED_KINDS = frozenset({"progress", "state", "checkpoint_stall"})
 _SEGMENT = re.compile(r"^(\d{9})\.jsonl$")
 
 
@@ -61,6 +60,7 @@ class EventLog:
         """Emitted, not yet in storage."""
         self._last_flush = monotonic()
         self._failing = False
+        self._watchers: list[Callable[[dict[str, Any]], None]] = []
         if self._local:
             storage.makedirs(layout.run_name)
             self._path = storage.path(*layout.events)
@@ -77,7 +77,19 @@ class EventLog:
         if (kind not in BUFFERED_KINDS
                 or self._monotonic() - self._last_flush >= FLUSH_INTERVAL_S):
             self.flush()
+        for watcher in self._watchers:
+            try:
+                watcher(event)
+            except Exception:  # noqa: BLE001 -- a display or a metric never stops the job
+                log.exception("an event watcher failed on a %s event; it is dropped", kind)
+                self._watchers.remove(watcher)
+                break
         return event
+
+    def subscribe(self, watcher: Callable[[dict[str, Any]], None]) -> None:
+        """Call `watcher(event)` with every event emitted from now on, in order (the progress
+        display, metrics, the goodput ledger)."""
+        self._watchers.append(watcher)
 
     def flush(self) -> bool:
         """Write what is pending; False (and a warning) if storage refused."""
@@ -146,42 +158,6 @@ def read_events(layout: RunLayout) -> list[dict[str, Any]]:
     return events
 
 
-@dataclass
-class Goodput:
-    """Which step computations were kept and which were thrown away by restarts.
-
-    A step's time counts as good when the final model descends from it: steps computed after
-    the checkpoint a restart resumes from are lost and get recomputed.
-    """
-
-    started_at: float
-    step_time_s: dict[int, float] = field(default_factory=dict)
-    """Latest duration of each step on rank 0, for the lineage that is still alive."""
-    lost_steps: int = 0
-    highest_step: int = 0
-
-    def record_step(self, step: int, duration_s: float) -> None:
-        self.step_time_s[step] = duration_s
-        self.highest_step = max(self.highest_step, step)
-
-    def record_reached(self, step: int) -> None:
-        """The gang is known to have got to `step` (its durations may never have arrived)."""
-        self.highest_step = max(self.highest_step, step)
-
-    def record_restore(self, step: int) -> None:
-        """The gang resumed from `step`: everything computed after it was lost."""
-        lost = [s for s in self.step_time_s if s > step]
-        self.lost_steps += max(self.highest_step - step, 0)
-        for s in lost:
-            del self.step_time_s[s]
-        self.highest_step = step
-
-    def summary(self, now: float) -> dict[str, Any]:
-        wall_s = max(now - self.started_at, 1e-9)
-        kept_s = sum(self.step_time_s.values())
-        return {
-            "steps_completed": self.highest_step,
-            "lost_steps": self.lost_steps,
-            "wall_s": round(wall_s, 3),
-            "goodput": round(kept_s / wall_s, 4),
-        }
+def has_event_log(layout: RunLayout) -> bool:
+    """Whether a run lives here: it has an event log, in either layout."""
+    return layout.storage.exists(*layout.events) or bool(_segments(layout))

@@ -109,8 +109,13 @@ def test_a_submitted_job_survives_a_kill_and_its_logs_show_progress_and_recovery
                300, "the job to end")
     text = logs(address, env, job_id)
     assert status(address, env, job_id) == "SUCCEEDED", text[-3000:]
-    assert re.search(r"step \d+ loss=", text), text[-3000:]  # progress lines
-    assert "attempt 0 failed: rank 1: worker_died" in text  # the recovery, said by us
+    # Progress as plain lines (a job log is no terminal): no bar, no escapes.
+    assert re.search(r"step \d+/30 loss=[\d.]+ \| [\d.]+ steps/s \| committed", text), text[-3000:]
+    assert "\r" not in text
+    # The recovery, said by us: what happened and what comes next; Ray's banner is one line.
+    assert "attempt 0 failed: rank 1: worker_died" in text
+    assert "attempt 1: replacing rank(s) 1, resuming from the checkpoint of step 10" in text
+    assert "A worker died or was killed" not in text
     assert "job succeeded" in text
     layout = RunLayout(Storage(str(tmp_path / "runs")), "submitted")
     assert [e["from_step"] for e in events_of(layout, "restart")] == [10]

@@ -14,6 +14,7 @@ class FakeCheckpoints:
 
     def __init__(self) -> None:
         self.saved: list[int] = []
+        self.stall_s = 0.0
 
     def agree_max(self, values: list[int]) -> list[int]:
         return list(values)
