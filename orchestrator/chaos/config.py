@@ -88,17 +88,19 @@ class RandomFaults:
     """Drawn with equal weights."""
     start_s: float = 5.0
     """None in the job's first seconds (start-up)."""
+    delay_s: float = 0.5
+    """What drawn delay_reads and delay_writes faults add to each operation."""
 
     def __post_init__(self) -> None:
         _require(math.isfinite(self.rate_per_min) and 0 <= self.rate_per_min <= 600,
                  "chaos.random.rate_per_min", "it must be from 0 to 600", self.rate_per_min)
         _require(0 <= self.max_faults <= 10_000, "chaos.random.max_faults",
                  "it must be from 0 to 10000", self.max_faults)
-        bad = [k for k in self.kinds if k not in FAULT_KINDS or k.startswith("delay_")]
+        bad = [k for k in self.kinds if k not in FAULT_KINDS]
         _require(not bad and (self.kinds or not self.rate_per_min), "chaos.random.kinds",
-                 f"give some of {', '.join(k for k in FAULT_KINDS if not k.startswith('delay_'))}",
-                 self.kinds)
+                 f"give some of {', '.join(FAULT_KINDS)}", self.kinds)
         _seconds("chaos.random.start_s", self.start_s)
+        _seconds("chaos.random.delay_s", self.delay_s, zero_ok=False)
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -168,7 +168,8 @@ def random_faults(config: RandomFaults, num_workers: int) -> list[Fault]:
         at_s += rng.expovariate(config.rate_per_min / 60.0)
         kind = rng.choice(config.kinds)
         rank = rng.randrange(num_workers)
-        spec = FaultSpec(kind=kind, rank=rank, at_s=round(at_s, 3))
+        spec = FaultSpec(kind=kind, rank=rank, at_s=round(at_s, 3),
+                         delay_s=config.delay_s if kind.startswith("delay_") else 0.0)
         out.append(Fault(spec=spec, id=f"random{config.seed}-{i:03d}-{_id_of(spec)}",
                          source=f"random (seed {config.seed})"))
     return out
