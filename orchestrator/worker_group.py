@@ -149,21 +149,25 @@ class RayWorkerGroup:
 
     def _place_elastic(self) -> None:
         """All num_workers (+ spares) if the cluster has room within the placement timeout;
-        else, when scaling.min_workers allows, as many workers as fit now (no spares)."""
+        else, when scaling.min_workers allows, as many workers as fit now (no spares), or
+        min_workers as soon as they fit (an autoscaler is adding nodes). Below num_workers,
+        the autoscaler is asked for room for the whole gang, so that it can grow."""
         scaling = self._config.scaling
         try:
             self._place(scaling.num_workers, scaling.spare_workers)
+            _ask_autoscaler_for([])  # placed in full: no standing request
             return
         except PlacementError:
             if scaling.smallest_world >= scaling.num_workers:
                 raise
+        # A placement group that timed out is gone, and with it the demand an autoscaler
+        # scales up for: ask for the whole gang explicitly, then start with what fits.
+        _ask_autoscaler_for([dict(scaling.resources_per_worker)] * scaling.num_workers)
         fit = min(_workers_that_fit(scaling.resources_per_worker), scaling.num_workers - 1)
-        if fit < scaling.smallest_world:
-            raise PlacementError(
-                f"only {fit} workers fit in the cluster now ({ray.available_resources()}), "
-                f"fewer than scaling.min_workers={scaling.min_workers}")
-        log.warning("elastic: resuming with %d of %d workers", fit, scaling.num_workers)
-        self._place(fit, 0)
+        start_with = max(fit, scaling.smallest_world)
+        log.warning("elastic: %s %d of %d workers", "resuming with" if fit >= start_with
+                    else "waiting for room for", start_with, scaling.num_workers)
+        self._place(start_with, 0)
 
     def _place(self, workers: int, spares: int) -> None:
         scaling = self._config.scaling
@@ -384,6 +388,8 @@ class RayWorkerGroup:
             except RayError:
                 pass
             self._pg = None
+        # Nothing of the job may keep an autoscaler from scaling the cluster down.
+        _ask_autoscaler_for([])
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -410,6 +416,18 @@ def _workers_that_fit(per_worker: dict[str, float]) -> int:
     free = ray.available_resources()
     counts = [int(free.get(name, 0.0) // amount) for name, amount in per_worker.items() if amount > 0]
     return min(counts) if counts else 0
+
+
+def _ask_autoscaler_for(bundles: list[dict[str, float]]) -> None:
+    """Set the job's standing request to the autoscaler (none: `[]`). It persists in the
+    cluster until replaced, so the job clears it when it no longer needs the room. On a
+    cluster without an autoscaler nobody reads it."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+    except Exception as e:  # noqa: BLE001 -- a hint to the autoscaler, never a failure
+        log.warning("asking the autoscaler for %d workers' room failed: %s", len(bundles), e)
 
 
 def _draining_nodes() -> set[str]:

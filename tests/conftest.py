@@ -102,3 +102,12 @@ def mount_small_disk():
     yield mount
     for folder in mounted:
         subprocess.run(["umount", "-l", folder], check=False)
+
+
+# --- tests that need the machine's Ray to themselves ---------------------------------------
+
+
+def pytest_collection_modifyitems(config, items):
+    """`own_ray` tests run last: they stop this session's Ray, and must not be followed by a
+    test that needs it."""
+    items.sort(key=lambda item: item.get_closest_marker("own_ray") is not None)
