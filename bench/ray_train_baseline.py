@@ -52,7 +52,9 @@ def train_loop(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, position = state["step"], state["data_position"]
+    interval = config.get("interval", INTERVAL)
     for step in range(start + 1, a.steps + 1):
+        began = time.time()
         x, y = token_batch(a.seed, position, a.batch_size, rank, world, a.seq_len, a.vocab_size)
         loss = model(x, y)
         loss.backward()
@@ -61,14 +63,15 @@ def train_loop(config: dict) -> None:
         scheduler.step()
         position += a.batch_size
         if rank == 0:
+            now = time.time()
             with open(out / "timeline.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "time": time.time(), "first": step == start + 1,
-                                    "resumed_from": start}) + "\n")
+                f.write(json.dumps({"step": step, "time": now, "first": step == start + 1,
+                                    "resumed_from": start, "busy_s": now - began}) + "\n")
         marker = out / f"kill-step{step}"
         if rank == world - 1 and step in config.get("kill_steps", []) and not marker.exists():
             marker.write_text("")
             os.kill(os.getpid(), signal.SIGKILL)
-        if step % INTERVAL == 0 or step == a.steps:
+        if step % interval == 0 or step == a.steps:
             with tempfile.TemporaryDirectory() as d:
                 if rank == 0:
                     torch.save({"model": model.module.state_dict(),
@@ -80,14 +83,15 @@ def train_loop(config: dict) -> None:
 
 
 def make_trainer(gpt_args: dict, workers: int, out: Path, name: str, max_failures: int,
-                 kill_steps: list[int] = (), strategy: str = "PACK"):
+                 kill_steps: list[int] = (), strategy: str = "PACK", interval: int = INTERVAL):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     out.mkdir(parents=True, exist_ok=True)
     return TorchTrainer(
         train_loop,
-        train_loop_config={"gpt": gpt_args, "kill_steps": list(kill_steps), "out": str(out)},
+        train_loop_config={"gpt": gpt_args, "kill_steps": list(kill_steps), "out": str(out),
+                           "interval": interval},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False,
                                      placement_strategy=strategy),
         run_config=RunConfig(name=name, storage_path=str(out / "storage"),

@@ -39,6 +39,11 @@ collectives fail within about a second; a save that takes longer is abandoned (u
 class TrainWorker:
     def __init__(self, preload: str = "") -> None:
         """`preload`: the workload's entrypoint, imported now so that a spare is warm."""
+        # Lazy gloo connections: re-forming a group in long-lived processes otherwise fails
+        # now and then in connectFullMesh (DESIGN.md). Set here, in the actor's own process,
+        # before any group exists, rather than as a runtime_env: an actor with a runtime_env
+        # of its own cannot take one of Ray's prestarted worker processes.
+        os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
         if preload:
             try:
                 _load_entrypoint(preload)

@@ -209,9 +209,6 @@ class RayWorkerGroup:
                 self._pg, placement_group_bundle_index=bundle),
             num_cpus=resources.pop("CPU", 0), num_gpus=resources.pop("GPU", 0),
             resources=resources, max_concurrency=2, max_restarts=0,
-            # Lazy gloo connections: re-forming a group in long-lived processes otherwise
-            # fails now and then in connectFullMesh (DESIGN.md).
-            runtime_env={"env_vars": {"TORCH_GLOO_LAZY_INIT": "1"}},
         ).remote(preload=self._config.workload.entrypoint)
         return _Slot(actor=actor, bundle=bundle, info_ref=actor.info.remote())
 
