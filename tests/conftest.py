@@ -13,6 +13,10 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import pytest  # noqa: E402
 
+# tests/autoscaling stops every Ray on the machine: it runs only in a process of its own,
+# which tests/e2e/test_autoscaling_process.py starts last.
+collect_ignore = [] if os.environ.get("ORCHESTRATOR_OWN_RAY_PROCESS") == "1" else ["autoscaling"]
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():

@@ -7,8 +7,8 @@ tests/e2e/test_autoscaling_process.py once no other Ray runs here, never beside 
 - an elastic job that starts before the cluster has room for all its workers begins with
   what fits and grows when the autoscaler adds a node;
 - a job asking for more workers than there are nodes makes the cluster scale up, and trains;
-  a node killed under it is replaced by the autoscaler, and the job resumes and ends with the
-  weights of an uninterrupted run;
+  a node killed under it is replaced by the autoscaler, and the job resumes and completes
+  (that a lost node's job ends with an uninterrupted run's weights: tests/e2e/test_cluster.py);
 - after the jobs no placement group, actor or resource request of theirs is left, and the
   cluster scales back down to its minimum.
 """
@@ -23,14 +23,14 @@ import pytest
 import ray
 
 from orchestrator.chaos import FaultPlan
-from tests.helpers import assert_same_final_state, events_of, make_config, poll_until, run_job
+from tests.helpers import events_of, make_config, poll_until, run_job
 
 pytestmark = pytest.mark.skipif(os.environ.get("ORCHESTRATOR_OWN_RAY_PROCESS") != "1",
                                 reason="runs in a process of its own "
                                        "(tests/e2e/test_autoscaling_process.py)")
 
 MIN_NODES, MAX_NODES = 1, 3
-ARGS = {"steps": 200, "step_time_s": 0.05}
+ARGS = {"steps": 120, "step_time_s": 0.05}
 
 
 def _autoscaling_cluster_class():
@@ -138,11 +138,7 @@ def test_a_job_scales_the_cluster_up_and_a_killed_node_is_replaced(autoscaling_c
     replacement = second["workers"][1]["node_id"]
     assert replacement not in first_nodes | nodes_before  # a node the autoscaler added
     assert killed not in {n["NodeID"] for n in worker_nodes()}
-
-    reference = mlp_job(tmp_path / "ref", "ref", args={**ARGS, "step_time_s": 0.0})
-    ref_result, ref_layout = run_job(reference)
-    assert ref_result.succeeded
-    assert_same_final_state(layout, ref_layout, ARGS["steps"])
+    assert result.summary["steps_completed"] == ARGS["steps"]
 
 
 def test_after_the_jobs_nothing_of_theirs_keeps_the_cluster_from_scaling_down(
