@@ -109,7 +109,10 @@ def test_an_elastic_job_begins_with_what_fits_and_grows_when_a_node_is_added(
         autoscaling_cluster, tmp_path):
     assert len(worker_nodes()) == MIN_NODES  # room for 1 of the 2 workers
     # The full gang waits 1 s, less than a new node takes to start: it begins with one.
-    result, layout = run_job(mlp_job(tmp_path, "elastic", min_workers=1,
+    # Long enough (15 s of steps) for the added node to come up (3-5 s here, more on a
+    # loaded machine) while the job still runs.
+    args = {**ARGS, "steps": 300}
+    result, layout = run_job(mlp_job(tmp_path, "elastic", args=args, min_workers=1,
                                      placement_timeout_s=1))
     assert result.succeeded, result.message
     (small,) = events_of(layout, "elastic_world_size")
@@ -118,7 +121,7 @@ def test_an_elastic_job_begins_with_what_fits_and_grows_when_a_node_is_added(
     started = events_of(layout, "workers_started")
     assert [len(e["workers"]) for e in started] == [1, 2]
     assert len({w["node_id"] for w in started[-1]["workers"]}) == 2  # on the added node too
-    assert result.summary["steps_completed"] == ARGS["steps"]
+    assert result.summary["steps_completed"] == args["steps"]
 
 
 def test_a_job_scales_the_cluster_up_and_a_killed_node_is_replaced(autoscaling_cluster,
