@@ -52,17 +52,12 @@ def add_parser(sub: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     from orchestrator.chaos.config import FaultSpec
     from orchestrator.chaos.requests import fired_markers, request_fault
-    from orchestrator.ckpt_cli import open_run
-    from orchestrator.events import has_event_log
+    from orchestrator.ckpt_cli import open_existing_run
 
     try:
         spec = FaultSpec(kind=args.kind, rank=args.rank, at_step=args.at_step,
                          at_s=args.at_s, count=args.count, delay_s=args.delay_s)
-        run = args.run if "/" in args.run else f"{args.storage.rstrip('/')}/{args.run}"
-        layout = open_run(run)
-        if not has_event_log(layout):
-            raise ValueError(f"{layout.storage.url_of(layout.run_name)}: no run there (no "
-                             "event log); give the run's folder, <storage>/<run name>")
+        layout = open_existing_run(args.run, args.storage)
         fault = request_fault(layout, spec)
     except (ConfigError, ValueError) as e:
         print(f"orchestrator: {e}", file=sys.stderr)

@@ -80,6 +80,18 @@ def open_run(url: str):
     return RunLayout(Storage(config.storage_url), name)
 
 
+def open_existing_run(run: str, storage: str):
+    """The run `run` names (its folder, or a name under `storage`), which must have an event
+    log; ValueError (one line, exit 2) if there is no run there."""
+    from orchestrator.events import has_event_log
+
+    layout = open_run(run if "/" in run else f"{storage.rstrip('/')}/{run}")
+    if not has_event_log(layout):
+        raise ValueError(f"{layout.storage.url_of(layout.run_name)}: no run there (no "
+                         "event log); give the run's folder, <storage>/<run name>")
+    return layout
+
+
 def _committed(layout, step: int | None) -> list:
     from orchestrator.checkpoint.commit import committed_checkpoints
 

@@ -144,7 +144,9 @@ class Driver:
         self.incidents: list[Incident] = []
         self.goodput = GoodputLedger()
         """Where the job's time went, from its events (summary.json, the progress display)."""
-        for event in self.events.events():  # a continued job counts from its first start
+        self._history = self.events.events()
+        """The run's stored events, read once: the goodput ledger and the continuation."""
+        for event in self._history:  # a continued job counts from its first start
             self.goodput.add(event)
         self.events.subscribe(self.goodput.add)  # first: watchers read it
         self._span: dict | None = None
@@ -171,7 +173,7 @@ class Driver:
     # --- the loop --------------------------------------------------------------------------
 
     def run(self) -> JobResult:
-        history = self.events.events()
+        history = self._history
         carried = continuation(history)
         self.job_id = carried.job_id or uuid.uuid4().hex[:12]
         generation = self._lease.generation if self._lease else 0

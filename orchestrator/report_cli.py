@@ -31,17 +31,13 @@ def add_parser(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from orchestrator.ckpt_cli import open_run
+    from orchestrator.ckpt_cli import open_existing_run
     from orchestrator.errors import StorageError
-    from orchestrator.events import has_event_log, read_events
+    from orchestrator.events import read_events
     from orchestrator.report import RunStory, plot
 
-    run = args.run if "/" in args.run else f"{args.storage.rstrip('/')}/{args.run}"
     try:
-        layout = open_run(run)
-        if not has_event_log(layout):
-            raise ValueError(f"{layout.storage.url_of(layout.run_name)}: no run there (no "
-                             "event log); give the run's folder, <storage>/<run name>")
+        layout = open_existing_run(args.run, args.storage)
         events = read_events(layout)
     except ValueError as e:
         print(f"orchestrator: {e}", file=sys.stderr)

@@ -53,20 +53,9 @@ def reference(ray_cluster, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def three_node_cluster():
-    """A head that runs no workers and three 1-CPU worker nodes, one of them spare.
-
-    The GCS health check is tuned from 3 s x 5 to 0.5 s x 2, as one would on a cluster of
-    preemptible machines, so that Ray declares a lost node dead within about a second.
-    """
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": 0,
-        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 2,
-                           "health_check_timeout_ms": 500},
-    })
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
-    yield cluster, nodes
+    """A head that runs no workers and three 1-CPU worker nodes, one of them spare."""
+    cluster = helpers.multi_node_cluster(3)
+    yield cluster, list(cluster.worker_nodes)
     cluster.shutdown()
 
 

@@ -34,7 +34,8 @@ from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.events import has_event_log, read_events
 from orchestrator.goodput import breakdown
-from tests.helpers import ROOT, assert_same_final_state, make_config, run_job, start_driver
+from tests.helpers import (ROOT, assert_same_final_state, make_config, multi_node_cluster,
+                           run_job, start_driver)
 
 pytestmark = pytest.mark.e2e
 
@@ -50,17 +51,8 @@ SETTINGS = ("failure.max_restarts=40", "failure.max_user_errors=10",
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head that runs no workers and three 1-CPU worker nodes; a lost node is declared
-    dead within about a second (health checks as on preemptible machines)."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": 0,
-        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 2,
-                           "health_check_timeout_ms": 500},
-    })
-    for _ in range(3):
-        cluster.add_node(num_cpus=1)
+    """A head that runs no workers and three 1-CPU worker nodes."""
+    cluster = multi_node_cluster(3)
     yield cluster
     cluster.shutdown()
 
