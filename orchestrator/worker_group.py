@@ -32,6 +32,9 @@ log = logging.getLogger("orchestrator.worker_group")
 
 DRAIN_DEADLINE_S = 60.0
 """The deadline a chaos drain gives Ray, as a cloud's two-minute warning would (shorter)."""
+ROOM_RETURN_S = 3.0
+"""How long an elastic placement that timed out waits for the bundles of removed placement
+groups to be freed before it settles for fewer workers."""
 
 
 class WorkerStartError(Exception):
@@ -107,9 +110,11 @@ class RayWorkerGroup:
         self._spares: list[_Slot] = []
         self._pending: dict = {}  # run ref -> rank
         self._world = config.scaling.num_workers
+        """The world size the gang was placed with: below num_workers when elastic."""
         self._spare_count = config.scaling.spare_workers
         self._from_spares: list[int] = []
-        """The world size the gang was placed with: below num_workers when elastic."""
+        self._placed_before = False
+        """Whether this job placed a gang before (whose bundles Ray may still be freeing)."""
 
     # --- forming the gang --------------------------------------------------------------------
 
@@ -153,13 +158,20 @@ class RayWorkerGroup:
         min_workers as soon as they fit (an autoscaler is adding nodes). Below num_workers,
         the autoscaler is asked for room for the whole gang, so that it can grow."""
         scaling = self._config.scaling
-        try:
-            self._place(scaling.num_workers, scaling.spare_workers)
-            _ask_autoscaler_for([])  # placed in full: no standing request
-            return
-        except PlacementError:
-            if scaling.smallest_world >= scaling.num_workers:
-                raise
+        for _ in range(2):
+            try:
+                self._place(scaling.num_workers, scaling.spare_workers)
+                _ask_autoscaler_for([])  # placed in full: no standing request
+                return
+            except PlacementError:
+                if scaling.smallest_world >= scaling.num_workers:
+                    raise
+            # Ray frees a removed placement group's bundles some time after the removal (the
+            # old gang's, and the timed-out one's): a gang re-placed to grow can time out on
+            # room it held itself. Once more, then, if that room comes back.
+            if not self._placed_before or not _room_comes_back(
+                    scaling.resources_per_worker, scaling.num_workers + scaling.spare_workers):
+                break
         # A placement group that timed out is gone, and with it the demand an autoscaler
         # scales up for: ask for the whole gang explicitly, then start with what fits.
         _ask_autoscaler_for([dict(scaling.resources_per_worker)] * scaling.num_workers)
@@ -185,6 +197,7 @@ class RayWorkerGroup:
                 f"scaling.spare_workers or scaling.resources_per_worker, raise "
                 f"scaling.placement_timeout_s, or allow fewer with scaling.min_workers") from e
         self._world, self._spare_count = workers, spares
+        self._placed_before = True
 
     def _drain_survivors(self, timeout_s: float) -> set[int]:
         """Wait for live ranks to leave the failed attempt; those that do not are lost too."""
@@ -413,6 +426,16 @@ def _workers_that_fit(per_worker: dict[str, float]) -> int:
     free = ray.available_resources()
     counts = [int(free.get(name, 0.0) // amount) for name, amount in per_worker.items() if amount > 0]
     return min(counts) if counts else 0
+
+
+def _room_comes_back(per_worker: dict[str, float], workers: int) -> bool:
+    """Whether the cluster's free resources hold `workers` within ROOM_RETURN_S."""
+    deadline = time.monotonic() + ROOM_RETURN_S
+    while _workers_that_fit(per_worker) < workers:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _ask_autoscaler_for(bundles: list[dict[str, float]]) -> None:
