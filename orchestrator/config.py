@@ -246,9 +246,18 @@ class FailureConfig:
     crash_loop_limit: int = 3
     """The same user error (type, message, step) this many times in a row stops the job at
     once: a deterministic bug does not go away by restarting."""
-    hang_timeout_s: float = 300.0
+    hang_timeout_s: float | str = "auto"
     """A rank with no progress (a finished step, save or restore) for this long is hung: it is
-    killed and the job recovers. Cover your slowest step and checkpoint save."""
+    killed and the job recovers. `auto`: `hang_factor` times the slowest step (or save) this
+    run has seen, at least `hang_min_s`; `hang_first_step_s` for the start of an attempt and
+    for a save not timed yet. A number: that many seconds for everything."""
+    hang_factor: float = 5.0
+    """With `hang_timeout_s: auto`: how many times its slowest so far a step or save may take."""
+    hang_min_s: float = 10.0
+    """With `hang_timeout_s: auto`: never less than this."""
+    hang_first_step_s: float = 300.0
+    """With `hang_timeout_s: auto`: the allowance from an attempt's launch to its first
+    finished step (start-up, restore, compilation), and for the first save of a run."""
     backoff_initial_s: float = 1.0
     """Wait before the second restart in a row (the first after sustained progress is at once)."""
     backoff_multiplier: float = 2.0
@@ -282,7 +291,17 @@ class FailureConfig:
                  self.backoff_multiplier)
         for key in ("backoff_initial_s", "backoff_max_s", "backoff_reset_after_s"):
             _seconds(f"failure.{key}", getattr(self, key))
-        for key in ("hang_timeout_s", "failure_grace_s", "drain_timeout_s",
+        if isinstance(self.hang_timeout_s, str):
+            _require(self.hang_timeout_s == "auto", "failure.hang_timeout_s",
+                     "give 'auto' or a number of seconds", self.hang_timeout_s)
+        else:
+            _require(isinstance(self.hang_timeout_s, (int, float))
+                     and not isinstance(self.hang_timeout_s, bool), "failure.hang_timeout_s",
+                     "give 'auto' or a number of seconds", self.hang_timeout_s)
+            _seconds("failure.hang_timeout_s", self.hang_timeout_s, zero_ok=False)
+        _require(isinstance(self.hang_factor, (int, float)) and 1 <= self.hang_factor <= 1000,
+                 "failure.hang_factor", "it must be between 1 and 1000", self.hang_factor)
+        for key in ("hang_min_s", "hang_first_step_s", "failure_grace_s", "drain_timeout_s",
                     "worker_start_timeout_s", "collective_timeout_s"):
             _seconds(f"failure.{key}", getattr(self, key), zero_ok=False)
 

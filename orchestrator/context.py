@@ -10,6 +10,7 @@ the commit protocol, fault injection -- is the orchestrator's business.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import threading
 import time
@@ -24,6 +25,7 @@ from orchestrator.chaos.inject import FaultInjector
 from orchestrator.checkpoint.manager import CheckpointManager
 from orchestrator.checkpoint.selection import RestorePlan
 from orchestrator.config import CheckpointConfig
+from orchestrator.hangs import Activity
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class Progress:
     seq: int = 0
     """Bumped on every sign of life of the training thread (a step, a save, a restore): the
     driver's hang detection watches it."""
+    doing: Activity = Activity.START
+    """What the training thread does until its next sign of life: the driver allows each
+    activity its own time (orchestrator/hangs.py)."""
 
 
 class Reporter:
@@ -46,28 +51,47 @@ class Reporter:
         self.progress = Progress()
         self._step_times: list[tuple[int, float, float]] = []
         self._events: list[dict[str, Any]] = []
+        self._progressed_at = time.monotonic()
+        self._slowest: dict[str, float] = {}
+        """Per activity, the longest time between two signs of progress that ended it, since
+        the last poll: the driver learns the run's pace from it (orchestrator/hangs.py)."""
+
+    def _progressed(self) -> None:
+        now = time.monotonic()
+        doing = self.progress.doing.value
+        self._slowest[doing] = max(self._slowest.get(doing, 0.0), now - self._progressed_at)
+        self._progressed_at = now
 
     def step_done(self, step: int, duration_s: float, metrics: dict[str, float]) -> None:
         with self._lock:
-            self.progress = Progress(step=step, metrics=metrics, seq=self.progress.seq + 1)
+            self._progressed()
+            self.progress = Progress(step=step, metrics=metrics, seq=self.progress.seq + 1,
+                                     doing=Activity.STEP)
             self._step_times.append((step, duration_s, self.progress.time))
 
-    def alive(self, step: int | None = None) -> None:
+    def alive(self, step: int | None = None, doing: Activity | None = None) -> None:
         """The training thread made progress that is not a step (a save, or a restore, which
-        sets the step the attempt continues from)."""
+        sets the step the attempt continues from), and does `doing` next."""
         with self._lock:
+            self._progressed()
             p = self.progress
             self.progress = Progress(step=p.step if step is None else step, metrics=p.metrics,
-                                     seq=p.seq + 1)
+                                     seq=p.seq + 1, doing=doing or p.doing)
+
+    def now_doing(self, doing: Activity) -> None:
+        """The training thread starts `doing` (no progress yet)."""
+        with self._lock:
+            self.progress = dataclasses.replace(self.progress, doing=doing)
 
     def emit(self, kind: str, **fields: Any) -> None:
         with self._lock:
             self._events.append({"kind": kind, "worker_time": round(time.time(), 3), **fields})
 
-    def drain(self) -> tuple[Progress, list[tuple[int, float, float]], list[dict[str, Any]]]:
+    def drain(self) -> tuple[Progress, list[tuple[int, float, float]], list[dict[str, Any]],
+                             dict[str, float]]:
         with self._lock:
-            out = (self.progress, self._step_times, self._events)
-            self._step_times, self._events = [], []
+            out = (self.progress, self._step_times, self._events, self._slowest)
+            self._step_times, self._events, self._slowest = [], [], {}
             return out
 
 
@@ -184,6 +208,7 @@ class TrainContext:
                         metrics: dict[str, float] | None = None) -> None:
         """Save and commit the checkpoint of `step`. Collective: every rank calls it."""
         t0 = time.monotonic()
+        self._reporter.now_doing(Activity.SAVE)
         # Waits for a snapshot's copy inside the steps since the previous save (async modes).
         gate_wait_s = self._checkpoints.stall_s - self._stall_reported_s
         self._checkpoints.save(step, state, metrics or {})
@@ -192,10 +217,12 @@ class TrainContext:
             self._reporter.emit("checkpoint_stall", step=step,
                                 blocked_s=round(time.monotonic() - t0, 4),
                                 gate_wait_s=round(max(gate_wait_s, 0.0), 4))
-        self._reporter.alive()
+        stopping = self._agreed_stop is not StopMode.NONE
+        # Before a stop, waiting for the commit is part of the save.
+        self._reporter.alive(doing=Activity.SAVE if stopping else Activity.STEP)
         self._last_save = time.monotonic()
         self._agreed_time_due = False
-        if self._agreed_stop is not StopMode.NONE:
+        if stopping:
             self._checkpoints.wait()  # the checkpoint we stop after must be committed
             self._reporter.alive()
             raise AttemptStopped(self._stop.reason or "a peer was asked to stop")

@@ -33,7 +33,7 @@ from orchestrator.config import JobConfig
 from orchestrator.errors import CheckpointError, PlacementError
 from orchestrator.events import EventLog
 from orchestrator.goodput import GoodputLedger
-from orchestrator.hangs import ProgressWatch
+from orchestrator.hangs import HangTimeouts, Pace, ProgressWatch
 from orchestrator.failures import (Action, Failure, FailureKind, Incident, RankResult, classify,
                                    decide, describe, is_peer_echo)
 from orchestrator.context import StopMode
@@ -152,7 +152,11 @@ class Driver:
         self._span: dict | None = None
         """Rank 0's steps since the last progress event: {first, last, busy_s, start, end}."""
         self._last_step: dict[int, int] = {}
-        self._progress = ProgressWatch(range(0), monotonic(), config.failure.hang_timeout_s)
+        self._hang_timeouts = HangTimeouts.of(config.failure)
+        self._pace = Pace()
+        """How long steps and saves took in this run, for hang detection (kept across
+        attempts)."""
+        self._progress = ProgressWatch(range(0), monotonic(), self._hang_timeouts, self._pace)
         self._awaiting_first_step = False
         """Whether this attempt's first finished step is still to be logged (the end of a
         recovery, as far as users are concerned)."""
@@ -291,7 +295,7 @@ class Driver:
             fencing_token=self._lease.generation if self._lease else 0,
             storage_probe=write_driver_probe(self._layout)))
         now = self._monotonic()
-        self._progress = ProgressWatch(range(len(infos)), now, cfg.failure.hang_timeout_s)
+        self._progress = ProgressWatch(range(len(infos)), now, self._hang_timeouts, self._pace)
         self._stop_requested = set()
         self._next_cluster_check = now
         if len(infos) != cfg.scaling.num_workers:
@@ -319,19 +323,25 @@ class Driver:
         for r in self._group.wait(POLL_INTERVAL_S):
             results[r.rank] = r
         self._absorb(self._group.poll(POLL_INTERVAL_S))
-        hung = self._progress.hung(set(results), self._monotonic())
-        if hung:
+        hangs = self._progress.hung(set(results), self._monotonic())
+        hung = {h.rank for h in hangs}
+        if hangs:
             self.events.emit("hang_detected", ranks=sorted(hung),
-                             hang_timeout_s=self._config.failure.hang_timeout_s)
+                             hang_timeout_s=round(max(h.timeout_s for h in hangs), 2),
+                             hangs=[{"rank": h.rank, "doing": h.doing.value,
+                                     "stalled_s": round(h.stalled_s, 2),
+                                     "timeout_s": round(h.timeout_s, 2), "why": h.why}
+                                    for h in hangs])
             self._group.kill(hung)
         if hung or any(not r.ok for r in results.values()):
             self._collect_rest(results)
             self._find_culprits(results)
-            for rank in hung:
-                results[rank] = replace(results.get(rank) or RankResult(rank=rank, step=-1, ok=False),
-                                        ok=False, hung=True, died=False,
-                                        message=f"no progress for "
-                                                f"{self._config.failure.hang_timeout_s:.0f}s")
+            for h in hangs:
+                results[h.rank] = replace(
+                    results.get(h.rank) or RankResult(rank=h.rank, step=-1, ok=False),
+                    ok=False, hung=True, died=False,
+                    message=f"no progress for {h.stalled_s:.0f}s in {h.doing.words} "
+                            f"(timeout {h.timeout_s:.0f}s, {h.why})")
             self._on_incident(state.attempt, classify(self._with_known_steps(results),
                                                       state.attempt))
         elif len(results) == len(self._progress.ranks):
@@ -462,7 +472,8 @@ class Driver:
     def _absorb(self, reports: list[WorkerReport]) -> None:
         now = self._monotonic()
         for report in reports:
-            self._progress.saw(report.rank, report.progress_seq, now)
+            self._progress.saw(report.rank, report.progress_seq, now, report.doing,
+                               report.slowest_s)
             self._last_step[report.rank] = max(self._last_step.get(report.rank, 0), report.step)
             for event in report.events:
                 kind = event.pop("kind")

@@ -94,3 +94,8 @@ class WorkerReport:
     step_durations: list[tuple[int, float, float]]
     """(step, duration_s, end time) of each step finished since the last poll."""
     events: list[dict[str, Any]]
+    doing: str = "step"
+    """What the training thread does now (an orchestrator.hangs.Activity value)."""
+    slowest_s: dict[str, float] = field(default_factory=dict)
+    """Per activity ended since the last poll, the longest it took (from the sign of progress
+    before it to the one that ended it)."""

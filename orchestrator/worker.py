@@ -161,11 +161,12 @@ class TrainWorker:
         return WorkerOutcome(rank=rdzv.rank, step=self._reporter.progress.step)
 
     def poll(self) -> WorkerReport:
-        progress, durations, events = self._reporter.drain()
+        progress, durations, events, slowest = self._reporter.drain()
         rank = self._rdzv.rank if self._rdzv else -1
         return WorkerReport(rank=rank, step=progress.step,
                             metrics=progress.metrics, progress_seq=progress.seq,
-                            step_durations=durations, events=events)
+                            step_durations=durations, events=events,
+                            doing=progress.doing.value, slowest_s=slowest)
 
 
 def _load_entrypoint(entrypoint: str):

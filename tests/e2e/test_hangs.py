@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from orchestrator.chaos import FaultPlan
+from orchestrator.config import FailureConfig
 from tests.helpers import (assert_same_final_state, events_of, make_config, poll_until,
                            run_job)
 
@@ -20,14 +21,12 @@ HANG_TIMEOUT_S = 3.0
 ARGS = {"steps": 40, "step_time_s": 0.05}
 
 
-def mlp_job(tmp_path, name, args, **sections):
+def mlp_job(tmp_path, name, args, hang_timeout_s=HANG_TIMEOUT_S, **sections):
     return make_config(str(tmp_path), name,
                        workload={"entrypoint": "workloads.mlp:train", "args": args},
                        scaling={"num_workers": 2}, checkpoint={"interval_steps": 5},
-                       failure={"hang_timeout_s": HANG_TIMEOUT_S, "failure_grace_s": 0.5},
+                       failure={"hang_timeout_s": hang_timeout_s, "failure_grace_s": 0.5},
                        **sections)
-
-
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +36,14 @@ def reference(ray_cluster, tmp_path_factory):
     return layout
 
 
+@pytest.mark.parametrize("hang_timeout_s", [HANG_TIMEOUT_S, "auto"])
 def test_a_sigstopped_worker_is_detected_within_the_timeout_and_the_run_completes(
-        ray_cluster, tmp_path, reference):
-    config = mlp_job(tmp_path, "sigstop", ARGS)
+        ray_cluster, tmp_path, reference, hang_timeout_s):
+    """With `auto` (the default, nothing tuned) the steps of 0.05 s and the saves are timed by
+    the run, and the stop is caught after hang_min_s (10 s) -- not the 300 s that the start of
+    an attempt or an untimed save allows."""
+    config = mlp_job(tmp_path, "sigstop", ARGS, hang_timeout_s=hang_timeout_s)
+    timeout_s = HANG_TIMEOUT_S if hang_timeout_s != "auto" else FailureConfig().hang_min_s
     outcome = {}
     driver = threading.Thread(target=lambda: outcome.update(zip(("result", "layout"),
                                                                 run_job(config))))
@@ -58,7 +62,10 @@ def test_a_sigstopped_worker_is_detected_within_the_timeout_and_the_run_complete
         driver.join(timeout=300)
         (hang,) = events("hang_detected")
         assert hang["ranks"] == [1]
-        assert hang["time"] - stopped_at <= HANG_TIMEOUT_S + 2.0
+        assert hang["time"] - stopped_at <= timeout_s + 2.0
+        (why,) = hang["hangs"]
+        assert why["rank"] == 1 and why["timeout_s"] == timeout_s
+        assert why["doing"] in ("step", "save")
         # The stopped process was killed, not left behind.
         poll_until(lambda: not psutil.pid_exists(pid)
                    or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 30, "the kill")
