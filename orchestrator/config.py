@@ -115,8 +115,13 @@ class ScalingConfig:
     """How long to wait for the cluster to place every worker before giving up (or, with
     `min_workers`, before resuming with fewer)."""
     spare_workers: int = 0
-    """Warm standby workers (started, torch imported, resources held) that take over a lost
+    """Warm spare workers (started, torch imported, resources held) that take over a lost
     rank at once instead of a new process being started."""
+    standby_workers: int = 1
+    """Warm standby processes that hold no resources (torch and the workload imported, idle):
+    a lost rank is taken over by a standby on its node, in the bundle the lost worker freed,
+    instead of a new process being started. CPU workers only (a GPU is assigned by Ray when
+    a process starts); costs the memory of one idle process each."""
     min_workers: int = 0
     """Elastic: when fewer than num_workers can be placed, resume with as few as this many
     (resharding the checkpoint), and grow back at a checkpoint when resources return.
@@ -136,6 +141,8 @@ class ScalingConfig:
         _seconds("scaling.placement_timeout_s", self.placement_timeout_s, zero_ok=False)
         _require(0 <= self.spare_workers <= MAX_WORKERS, "scaling.spare_workers",
                  f"it must be between 0 and {MAX_WORKERS}", self.spare_workers)
+        _require(0 <= self.standby_workers <= MAX_WORKERS, "scaling.standby_workers",
+                 f"it must be between 0 and {MAX_WORKERS}", self.standby_workers)
         _require(0 <= self.min_workers <= self.num_workers, "scaling.min_workers",
                  f"it must be between 0 and scaling.num_workers={self.num_workers}",
                  self.min_workers)

@@ -284,7 +284,8 @@ class Driver:
         self.events.emit("workers_started", attempt=state.attempt,
                          workers=[{"rank": r, "node_id": i.node_id, "pid": i.pid}
                                   for r, i in enumerate(infos)],
-                         ranks_from_spares=self._group.ranks_from_spares())
+                         ranks_from_spares=self._group.ranks_from_spares(),
+                         ranks_from_standbys=self._group.ranks_from_standbys())
         cfg = self._config
         self._group.launch(AttemptSpec(
             attempt=state.attempt, entrypoint=cfg.workload.entrypoint, args=cfg.workload.args,
@@ -488,6 +489,8 @@ class Driver:
                     step, _, end_time = report.step_durations[0]
                     self.events.emit("first_step", attempt=self.state.attempt, step=step,
                                      step_end_time=round(end_time, 3))
+                    # Only now: a standby importing torch would slow the gang's start.
+                    self._group.start_standbys()
                 if now >= self._next_progress_log:
                     self._next_progress_log = now + PROGRESS_EVERY_S
                     self._emit_progress()

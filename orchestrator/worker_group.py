@@ -49,6 +49,12 @@ class WorkerGroup(Protocol):
     def ranks_from_spares(self) -> list[int]:
         """The ranks the last form() gave to spares."""
 
+    def ranks_from_standbys(self) -> list[int]:
+        """The ranks the last form() gave to standbys (warm, holding no resources)."""
+
+    def start_standbys(self) -> None:
+        """Start the standbys missing (scaling.standby_workers), once the gang trains."""
+
     def launch(self, spec: AttemptSpec) -> None:
         """Start one attempt of the workload on every rank (non-blocking)."""
 
@@ -100,6 +106,8 @@ class _Slot:
     bundle: int
     info_ref: object
     info: WorkerInfo | None = None
+    node_id: str | None = None
+    """Where a standby was placed (the node of the bundle it was started in)."""
 
 
 class RayWorkerGroup:
@@ -113,6 +121,9 @@ class RayWorkerGroup:
         """The world size the gang was placed with: below num_workers when elastic."""
         self._spare_count = config.scaling.spare_workers
         self._from_spares: list[int] = []
+        self._standbys: list[_Slot] = []
+        """Idle warm processes holding no resources (scaling.standby_workers)."""
+        self._from_standbys: list[int] = []
         self._placed_before = False
         """Whether this job placed a gang before (whose bundles Ray may still be freeing)."""
 
@@ -129,15 +140,18 @@ class RayWorkerGroup:
                 self._place_elastic()
             self.kill(lost)
             deadline = time.monotonic() + failure.worker_start_timeout_s
+            freed = {rank: self._ranks[rank] for rank in lost if rank < len(self._ranks)}
             self._ranks = [None if rank in lost or rank >= len(self._ranks) else self._ranks[rank]
                            for rank in range(self._world)]
-            self._from_spares = []
+            self._from_spares, self._from_standbys = [], []
             for rank, slot in enumerate(self._ranks):
                 if slot is None:
-                    spare = self._take_spare()
-                    if spare is not None:
+                    slot = self._take_spare()
+                    if slot is not None:
                         self._from_spares.append(rank)
-                    self._ranks[rank] = spare or self._new_slot()
+                    elif rank in freed and (slot := self._take_standby(freed[rank])):
+                        self._from_standbys.append(rank)
+                    self._ranks[rank] = slot or self._new_slot()
             self._refill_spares()
             infos = [self._info_of(slot, deadline) for slot in self._ranks]
             port = ray.get(self._ranks[0].actor.free_port.remote(), timeout=_left(deadline))
@@ -242,6 +256,45 @@ class RayWorkerGroup:
             except RayError:
                 _kill(slot.actor)
         return None
+
+    def ranks_from_standbys(self) -> list[int]:
+        return list(self._from_standbys)
+
+    def _take_standby(self, lost: _Slot | None) -> _Slot | None:
+        """A standby on the lost worker's node, moved into the bundle it freed: ready, or at
+        least further along than a new process would be. It holds no resources; on that node
+        it uses what the bundle holds for it. Standbys that died meanwhile are dropped."""
+        node = lost.info.node_id if lost is not None and lost.info is not None else None
+        for slot in list(self._standbys):
+            if slot.node_id != node or node is None:
+                continue
+            self._standbys.remove(slot)
+            if ray.wait([slot.info_ref], timeout=0)[0]:
+                try:
+                    slot.info = ray.get(slot.info_ref)
+                except RayError:
+                    _kill(slot.actor)
+                    continue
+            slot.bundle = lost.bundle
+            return slot
+        return None
+
+    def start_standbys(self) -> None:
+        """Start standbys, spread over the gang's bundles (and so its nodes); they import torch
+        and the workload, then idle. None for GPU workers: Ray gives a process its GPU when
+        it starts, so a process started without one cannot train on it."""
+        want = 0 if self._config.scaling.use_gpu else self._config.scaling.standby_workers
+        while len(self._standbys) < want and self._ranks:
+            anchor = self._ranks[len(self._standbys) % len(self._ranks)]
+            if anchor is None or anchor.info is None:
+                return
+            actor = _RemoteWorker.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self._pg, placement_group_bundle_index=anchor.bundle),
+                num_cpus=0, num_gpus=0, max_concurrency=2, max_restarts=0,
+            ).remote(preload=self._config.workload.entrypoint)
+            self._standbys.append(_Slot(actor=actor, bundle=-1, info_ref=actor.info.remote(),
+                                        node_id=anchor.info.node_id))
 
     def _refill_spares(self) -> None:
         """Start replacement spares; they warm up (import torch) while the gang trains."""
@@ -389,9 +442,9 @@ class RayWorkerGroup:
         return slot.info.node_id if slot is not None and slot.info is not None else ""
 
     def shutdown(self) -> None:
-        for slot in self._ranks + self._spares:
+        for slot in self._ranks + self._spares + self._standbys:
             _kill(slot.actor)
-        self._ranks, self._spares, self._pending = [], [], {}
+        self._ranks, self._spares, self._standbys, self._pending = [], [], [], {}
         if self._pg is not None:
             try:
                 remove_placement_group(self._pg)

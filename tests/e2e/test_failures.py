@@ -120,3 +120,32 @@ def test_survivors_are_reused_and_a_spare_takes_the_lost_rank_many_times_in_a_ro
     reference, ref_layout = run_job(mlp_job(tmp_path, "chain-ref", {"steps": 40}))
     assert reference.succeeded
     assert_same_final_state(layout, ref_layout, 40)
+
+
+def test_without_spares_a_standby_holding_no_resources_takes_the_lost_rank(ray_cluster,
+                                                                             tmp_path):
+    """The default (scaling.standby_workers: 1, no spare): the gang takes every CPU of the
+    cluster, so nothing could hold a spare's resources -- yet each lost rank goes to the idle
+    standby on its node, which already imported torch, instead of a new process."""
+    import ray
+
+    plan = FaultPlan().kill_at(rank=1, step=30).kill_at(rank=1, step=60)
+    cpus = ray.cluster_resources()["CPU"]
+    config = mlp_job(tmp_path, "standby", {"steps": 90, "step_time_s": 0.1}, max_restarts=2,
+                     failure={"backoff_initial_s": 0}, chaos=plan.config(),
+                     scaling={"num_workers": 2, "resources_per_worker": {"CPU": cpus / 2}})
+    assert config.scaling.standby_workers == 1 and config.scaling.spare_workers == 0
+    result, layout = run_job(config)
+    assert result.succeeded, result.message
+    first, *restarted = events_of(layout, "workers_started")
+    assert len(restarted) == 2
+    assert [s["ranks_from_standbys"] for s in restarted] == [[1], [1]]
+    assert all(s["ranks_from_spares"] == [] for s in restarted)
+    # A standby is a process of its own, not a survivor reused.
+    pids = [first["workers"][1]["pid"]] + [s["workers"][1]["pid"] for s in restarted]
+    assert len(set(pids)) == 3
+    assert not ray.util.placement_group_table() or all(
+        pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+    reference, ref_layout = run_job(mlp_job(tmp_path, "standby-ref", {"steps": 90}))
+    assert reference.succeeded
+    assert_same_final_state(layout, ref_layout, 90)

@@ -69,6 +69,12 @@ class FakeGroup:
     def ranks_from_spares(self):
         return []
 
+    def ranks_from_standbys(self):
+        return []
+
+    def start_standbys(self):
+        pass
+
     def request_stop(self, ranks, mode, reason):
         self.stop_requests.append((set(ranks), int(mode), reason))
 
