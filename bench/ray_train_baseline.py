@@ -5,8 +5,8 @@ Rank 0 appends one line per step to `timeline.jsonl` (step, time, whether it is 
 of a (re)start, and the step it resumed from); every rank writes its pid and node once per
 start, so a benchmark can stop, kill or take away the process or node of a rank.
 
-Run on its own (for the driver-loss benchmark) as
-    python bench/ray_train_baseline.py --address ADDR --storage DIR --name NAME --steps N
+Run on its own (the driver-loss and user-path benchmarks) as
+    python bench/ray_train_baseline.py [--address ADDR] --out DIR --name NAME --gpt JSON
 """
 
 from __future__ import annotations
@@ -105,16 +105,21 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--address", required=True)
+    parser.add_argument("--address", help="a Ray cluster to join (default: an embedded one)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--gpt", required=True, help="GPT args as JSON")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--max-failures", type=int, default=3)
     args = parser.parse_args()
     import ray
 
-    ray.init(address=args.address, log_to_driver=False)
-    make_trainer(json.loads(args.gpt), args.workers, Path(args.out), args.name, 3).fit()
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    make_trainer(json.loads(args.gpt), args.workers, Path(args.out), args.name,
+                 args.max_failures).fit()
 
 
 if __name__ == "__main__":
