@@ -489,8 +489,8 @@ class Driver:
                     step, _, end_time = report.step_durations[0]
                     self.events.emit("first_step", attempt=self.state.attempt, step=step,
                                      step_end_time=round(end_time, 3))
-                    # Only now: a standby importing torch would slow the gang's start.
-                    self._group.start_standbys()
+                    # Only now: a spare or standby importing torch would slow the start.
+                    self._group.warm_up_replacements()
                 if now >= self._next_progress_log:
                     self._next_progress_log = now + PROGRESS_EVERY_S
                     self._emit_progress()

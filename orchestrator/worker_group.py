@@ -52,8 +52,9 @@ class WorkerGroup(Protocol):
     def ranks_from_standbys(self) -> list[int]:
         """The ranks the last form() gave to standbys (warm, holding no resources)."""
 
-    def start_standbys(self) -> None:
-        """Start the standbys missing (scaling.standby_workers), once the gang trains."""
+    def warm_up_replacements(self) -> None:
+        """Start the spares and standbys missing, once the gang trains: a process importing
+        torch beside a gang that restores and takes its first step slows that gang."""
 
     def launch(self, spec: AttemptSpec) -> None:
         """Start one attempt of the workload on every rank (non-blocking)."""
@@ -152,7 +153,6 @@ class RayWorkerGroup:
                     elif rank in freed and (slot := self._take_standby(freed[rank])):
                         self._from_standbys.append(rank)
                     self._ranks[rank] = slot or self._new_slot()
-            self._refill_spares()
             infos = [self._info_of(slot, deadline) for slot in self._ranks]
             port = ray.get(self._ranks[0].actor.free_port.remote(), timeout=_left(deadline))
             backend = "nccl" if scaling.use_gpu else "gloo"
@@ -279,7 +279,11 @@ class RayWorkerGroup:
             return slot
         return None
 
-    def start_standbys(self) -> None:
+    def warm_up_replacements(self) -> None:
+        self._refill_spares()
+        self._refill_standbys()
+
+    def _refill_standbys(self) -> None:
         """Start standbys, spread over the gang's bundles (and so its nodes); they import torch
         and the workload, then idle. None for GPU workers: Ray gives a process its GPU when
         it starts, so a process started without one cannot train on it."""

@@ -72,7 +72,7 @@ class FakeGroup:
     def ranks_from_standbys(self):
         return []
 
-    def start_standbys(self):
+    def warm_up_replacements(self):
         pass
 
     def request_stop(self, ranks, mode, reason):
