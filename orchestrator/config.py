@@ -120,8 +120,9 @@ class ScalingConfig:
     standby_workers: int = 1
     """Warm standby processes that hold no resources (torch and the workload imported, idle):
     a lost rank is taken over by a standby on its node, in the bundle the lost worker freed,
-    instead of a new process being started. CPU workers only (a GPU is assigned by Ray when
-    a process starts); costs the memory of one idle process each."""
+    instead of a new process being started. They are spread over the gang's ranks' nodes in
+    rank order: one per node the gang spans covers every rank. CPU workers only (a GPU is
+    assigned by Ray when a process starts); costs the memory of one idle process each."""
     min_workers: int = 0
     """Elastic: when fewer than num_workers can be placed, resume with as few as this many
     (resharding the checkpoint), and grow back at a checkpoint when resources return.

@@ -32,6 +32,8 @@ log = logging.getLogger("orchestrator.worker_group")
 
 DRAIN_DEADLINE_S = 60.0
 """The deadline a chaos drain gives Ray, as a cloud's two-minute warning would (shorter)."""
+STANDBY_PING_S = 2.0
+"""How long a ready standby may take to answer before it is taken for dead."""
 ROOM_RETURN_S = 3.0
 """How long an elastic placement that timed out waits for the bundles of removed placement
 groups to be freed before it settles for fewer workers."""
@@ -270,9 +272,11 @@ class RayWorkerGroup:
                 continue
             self._standbys.remove(slot)
             if ray.wait([slot.info_ref], timeout=0)[0]:
+                # Ready: but its answer may predate the loss (a node that died took the
+                # standby with it), so ask it again.
                 try:
-                    slot.info = ray.get(slot.info_ref)
-                except RayError:
+                    slot.info = ray.get(slot.actor.info.remote(), timeout=STANDBY_PING_S)
+                except (RayError, GetTimeoutError):
                     _kill(slot.actor)
                     continue
             slot.bundle = lost.bundle
