@@ -100,7 +100,17 @@ def make_trainer(gpt_args: dict, workers: int, out: Path, name: str, max_failure
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """The records of a file another process appends to (a last line still being written is
+    left for the next read)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
 
 
 def main() -> None:

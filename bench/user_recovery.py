@@ -35,7 +35,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
+
+from ray_train_baseline import read_jsonl  # noqa: E402
 
 GPT = {"steps": 0, "seed": 0, "n_layer": 2, "n_embd": 64, "n_head": 4, "seq_len": 64,
        "batch_size": 8, "parallelism": "ddp"}
@@ -57,18 +60,6 @@ def poll_until(condition, timeout_s: float, what: str):
             return value
         time.sleep(0.02)
     raise TimeoutError(f"timed out waiting for {what}")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            pass
-    return out
 
 
 class Ours:

@@ -52,9 +52,9 @@ class HangTimeouts:
 
     fixed_s: float | None
     """A number: that, whatever the rank does (`failure.hang_timeout_s` given as seconds)."""
-    factor: float = 5.0
-    min_s: float = 10.0
-    first_step_s: float = 300.0
+    factor: float
+    min_s: float
+    first_step_s: float
 
     @classmethod
     def of(cls, failure) -> HangTimeouts:

@@ -13,7 +13,7 @@ AUTO = HangTimeouts.of(FailureConfig())
 
 
 def fixed(seconds):
-    return HangTimeouts(fixed_s=seconds)
+    return HangTimeouts.of(FailureConfig(hang_timeout_s=seconds))
 
 
 def ranks_of(hangs):
@@ -113,7 +113,7 @@ def test_no_false_hang_when_the_step_time_varies_by_three_times():
     # 3 s step right after the shortest -- the worst case for a learned timeout.
     times = [1.0] * 5 + [3.0] + [rng.uniform(1.0, 3.0) for _ in range(200)]
     ranks = {r: Rank([(Activity.STEP, t) for t in times]) for r in range(2)}
-    watch = ProgressWatch(range(2), now=0.0, timeouts=HangTimeouts(fixed_s=None, min_s=1.0))
+    watch = ProgressWatch(range(2), now=0.0, timeouts=HangTimeouts.of(FailureConfig(hang_min_s=1.0)))
     assert run_polls(watch, ranks, until=sum(times) - 1) is None
 
 
