@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from orchestrator.chaos.inject import FaultInjector
 from orchestrator.checkpoint.manager import CheckpointManager
+from orchestrator.checkpoint.memory import MemoryTier
 from orchestrator.checkpoint.selection import RestorePlan
 from orchestrator.config import CheckpointConfig
 from orchestrator.hangs import Activity
@@ -166,7 +167,8 @@ class TrainContext:
     def __init__(self, *, rank: int, world_size: int, local_rank: int, device: torch.device,
                  args: dict[str, Any], attempt: int, checkpoint: CheckpointConfig,
                  restore: RestorePlan, checkpoints: CheckpointManager,
-                 faults: FaultInjector, reporter: Reporter, stop: StopRequest) -> None:
+                 faults: FaultInjector, reporter: Reporter, stop: StopRequest,
+                 memory: MemoryTier | None = None) -> None:
         self.rank = rank
         self.world_size = world_size
         self.local_rank = local_rank
@@ -180,6 +182,7 @@ class TrainContext:
         self._last_save = time.monotonic()
         self._agreed_time_due = False
         self._checkpoints = checkpoints
+        self._memory = memory
         self._faults = faults
         self._reporter = reporter
         self._stop = stop
@@ -188,11 +191,25 @@ class TrainContext:
         self._stall_reported_s = 0.0
 
     def restore(self, state: dict[str, Any]) -> int:
-        """Load the latest committed checkpoint into `state`; return its step (0: fresh start).
+        """Load the newest state the run has into `state`; return its step (0: fresh start):
+        the memory tier's copy when the gang holds one for every rank at least as new as the
+        latest storage checkpoint (checkpoint/memory.py), else the latest committed checkpoint.
 
-        Collective: call once on every rank, before training.
+        Collective: call once on every rank, before training. From then on `report` keeps
+        `state`'s copies in the memory tier.
         """
-        step = self._checkpoints.restore(state, self._restore_plan)
+        plan, step = self._restore_plan, None
+        if self._memory is not None:
+            # A checkpoint the user named (or parts of one) is what they asked for: only a
+            # restart resumes from memory.
+            if plan.required or plan.parts:
+                self._memory.clear()
+            step = self._memory.restore(
+                state, newest_in_storage=plan.candidates[0] if plan.candidates else 0)
+        if step is None:
+            step = self._checkpoints.restore(state, plan)
+            if self._memory is not None:
+                self._memory.clear()  # a copy of another timeline must never be restored
         self._reporter.alive(step)
         self._last_report = time.monotonic()
         return step
@@ -245,3 +262,5 @@ class TrainContext:
         # A background save that failed and calls for it ends the attempt on every rank at
         # this same step (checkpoint.on_save_error).
         self._checkpoints.raise_failure(failed_save)
+        if self._memory is not None:
+            self._memory.capture(step)

@@ -263,11 +263,15 @@ class Driver:
             return
         from_step = plan.candidates[0] if plan.candidates else 0
         if state.attempt > 0:
+            # from_step: the storage checkpoint; the workers may resume from a newer step of
+            # the memory tier (their memory_restored event says which).
             self.events.emit("restart", attempt=state.attempt, from_step=from_step,
                              replaced_ranks=sorted(state.lost))
-            log.warning("attempt %d: %s, resuming from %s", state.attempt,
+            log.warning("attempt %d: %s, resuming from %s%s", state.attempt,
                         f"replacing rank(s) {','.join(map(str, sorted(state.lost)))}"
                         if state.lost else "restarting the gang",
+                        "the memory tier if the gang still holds every rank's state, else "
+                        if self._config.checkpoint.memory_interval_steps else "",
                         f"the checkpoint of step {from_step}" if from_step else "the start")
         try:
             if state.regroup:

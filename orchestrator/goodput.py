@@ -26,6 +26,8 @@ skipped, never raised on.
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -93,6 +95,9 @@ class GoodputLedger:
     """(step, seconds) of saves blocked after the latest recorded step: they sit in the gap
     that follows it (a restart, the job's end), and are not counted twice."""
     _restored_since_step: bool = False
+    _restart_from: int | None = None
+    """The storage step of a restart not yet followed by the workers' own restore event (the
+    memory tier may resume from a newer step; a fresh start emits none)."""
     highest_step: int = 0
     lost_steps: int = 0
 
@@ -121,10 +126,12 @@ class GoodputLedger:
         if time_ is not None:
             self.last_time = max(self.last_time or time_, time_)
         if kind == "progress" and isinstance(event.get("span"), dict):
+            if self._restart_from is not None:
+                self._restore(self._restart_from)
             self._add_span(event["span"])
         elif kind == "restart":
-            self._restore(int(event["from_step"]))
-        elif kind == "checkpoint_restored" and event.get("rank", 0) == 0:
+            self._restart_from = int(event["from_step"])
+        elif kind in ("checkpoint_restored", "memory_restored") and event.get("rank", 0) == 0:
             self._restore(int(event["step"]))
         elif kind == "failure":
             self.highest_step = max(self.highest_step, int(event.get("step") or 0))
@@ -170,8 +177,13 @@ class GoodputLedger:
         self.lost_steps += max(self.highest_step - step, 0)
         self.highest_step = step
         self._restored_since_step = True
+        self._restart_from = None
 
     def breakdown(self, now: float | None = None) -> Breakdown:
+        if self._restart_from is not None:  # as it stands: from the storage step, for now
+            pending = copy.deepcopy(self)
+            pending._restore(self._restart_from)
+            return pending.breakdown(now)
         if self.started_at is None:
             return Breakdown(0.0, 0.0, dict.fromkeys(CAUSES, 0.0), 0, 0)
         end = self.ended_at if self.ended_at is not None else (now or self.last_time

@@ -25,6 +25,7 @@ from orchestrator.chaos.inject import FaultInjector
 from orchestrator.chaos.plan import Fault
 from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.manager import CheckpointManager
+from orchestrator.checkpoint.memory import MemoryTier
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.checkpoint.storage_probe import check_shared_storage
 from orchestrator.context import AttemptStopped, Reporter, StopMode, StopRequest, TrainContext
@@ -34,6 +35,9 @@ _ABORT_TIMEOUT_S = 5.0
 _SAVE_DRAIN_TIMEOUT_S = 10.0
 """How long a failed attempt waits for its background save: with a peer gone, the save's
 collectives fail within about a second; a save that takes longer is abandoned (uncommitted)."""
+_MEMORY_DRAIN_TIMEOUT_S = 2.0
+"""How long a failed attempt waits for the memory tier's copy in flight (its copies already
+complete are kept either way)."""
 
 
 class TrainWorker:
@@ -54,6 +58,10 @@ class TrainWorker:
         self._rdzv: Rendezvous | None = None
         self._ckpt_group: dist.ProcessGroup | None = None
         self._save_group: dist.ProcessGroup | None = None
+        self._memory_group: dist.ProcessGroup | None = None
+        self._memory = MemoryTier()
+        """The memory tier's copies: kept by the actor across attempts, so that survivors of a
+        failure still hold them when the gang restarts."""
         self._faults = FaultInjector([], rank=-1, layout=None)
         # A preemption notice (the cloud's SIGTERM) asks for a checkpoint now instead of
         # Ray's default of exiting at once. The actor's constructor runs on the main thread,
@@ -102,6 +110,8 @@ class TrainWorker:
         self._ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
         # Background saves get a group of their own (see checkpoint/manager.py).
         self._save_group = dist.new_group(backend="gloo", timeout=timeout)
+        # And so does the memory tier's buddy exchange, on its own thread.
+        self._memory_group = dist.new_group(backend="gloo", timeout=timeout)
         self._rdzv = rdzv
         self._reporter = Reporter()
         if self._stop.mode is not StopMode.NOW:  # a notice of preemption stays in force
@@ -126,17 +136,23 @@ class TrainWorker:
                 save_group=self._save_group, config=spec.checkpoint, faults=faults,
                 emit=self._reporter.emit, host=rdzv.master_addr, timeout_s=rdzv.timeout_s,
                 job_id=spec.job_id, fencing_token=spec.fencing_token)
+            self._memory.begin_attempt(
+                rank=rdzv.rank, world_size=rdzv.world_size, parallelism=spec.parallelism,
+                group=self._ckpt_group, ring=self._memory_group,
+                interval_steps=spec.checkpoint.memory_interval_steps, emit=self._reporter.emit)
             device = torch.device("cuda", 0) if rdzv.backend == "nccl" else torch.device("cpu")
             ctx = TrainContext(
                 rank=rdzv.rank, world_size=rdzv.world_size, local_rank=rdzv.local_rank,
                 device=device, args=spec.args, attempt=spec.attempt,
                 checkpoint=spec.checkpoint, restore=spec.restore, checkpoints=manager,
-                faults=faults, reporter=self._reporter, stop=self._stop)
+                faults=faults, reporter=self._reporter, stop=self._stop, memory=self._memory)
             try:
                 _load_entrypoint(spec.entrypoint)(ctx)
             except AttemptStopped:
+                self._memory.end_attempt(timeout_s=_SAVE_DRAIN_TIMEOUT_S)
                 manager.finish()
                 raise
+            self._memory.end_attempt(timeout_s=_SAVE_DRAIN_TIMEOUT_S)
             manager.finish()  # the job waits for the save in flight before it ends
         except AttemptStopped as e:
             return WorkerOutcome(rank=rdzv.rank, step=self._reporter.progress.step,
@@ -153,8 +169,11 @@ class TrainWorker:
             if manager is not None:
                 # A save in flight finishes or fails with its peers before we restart.
                 manager.close(timeout_s=_SAVE_DRAIN_TIMEOUT_S)
+            # A copy in flight fails with its peers within a second or so; one stuck on a
+            # hung peer is abandoned (begin_attempt) rather than waited for.
+            self._memory.end_attempt(timeout_s=_MEMORY_DRAIN_TIMEOUT_S)
             ctx = manager = None  # noqa: F841 -- dropping references is the point
-            self._ckpt_group = self._save_group = None
+            self._ckpt_group = self._save_group = self._memory_group = None
             gc.collect()
             _destroy_process_group()
             return WorkerOutcome(rank=rdzv.rank, step=self._reporter.progress.step, error=error)

@@ -104,3 +104,17 @@ def test_a_running_job_is_measured_up_to_now():
         ledger.add(e)
     assert ledger.breakdown(now=140.0).wall_s == pytest.approx(40.0)
     assert GoodputLedger().breakdown().goodput == 0.0
+
+
+def test_a_resume_from_the_memory_tier_loses_only_the_steps_after_its_copy():
+    """The restart names the storage checkpoint (10); the workers resumed from memory (13)."""
+    events = a_job_with_one_failure()
+    at = next(i for i, e in enumerate(events) if e["kind"] == "checkpoint_restored")
+    events[at] = {"kind": "memory_restored", "time": 124.0, "rank": 0, "step": 13,
+                  "storage_step": 10}
+    events[at + 1] = progress(132.0, 1, span(14, 20, 125.0, 132.0))
+    events[-1]["time"] = 133.0
+    g = breakdown(events)
+    assert (g.steps_completed, g.lost_steps) == (20, 1)
+    assert g.lost_s["recomputed"] == pytest.approx(1.0)  # step 14 of the first attempt
+    assert g.productive_s == pytest.approx(20.0)

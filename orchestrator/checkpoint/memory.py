@@ -1,0 +1,494 @@
+"""The memory tier: every rank keeps its state of a recent step in host memory, and a copy of
+its buddy's, so that a failure costs at most a step or so instead of everything since the
+last storage checkpoint.
+
+After step s (every `checkpoint.memory_interval_steps`), each rank
+  1. snapshots its state (snapshot.py: what may change before the next optimizer step now,
+     parameters and optimizer state on the memory thread while the next step's forward and
+     backward run), and
+  2. on the memory thread, sends that copy to rank (r-1) mod N and receives rank (r+1) mod N's,
+     over a gloo group of its own (the buddy ring).
+The next `optimizer.step()` waits for both (a StepGate): by the time step s+1 changes a
+weight, the state of step s is in two processes. Two generations are kept, so that the
+newest step every rank completed is still held while the next one is taken.
+
+Any single loss, and any set of losses no two of which are neighbours in the ring, leaves
+every rank's state in some surviving process. The copies live on the worker actor, which
+outlives an attempt; a replacement starts with none. At the next attempt's restore the gang
+gathers what each process holds, `choose_memory_step` (pure) picks the newest step held for
+every rank, holders send the missing copies to the replacements, and every rank loads its
+copy -- or, if anything is missing or does not fit, they all restore from storage instead.
+Storage checkpoints, their commit protocol and their guarantees are untouched: the memory
+tier is only ever tried first.
+
+Copies cross between processes of the same job only (the trust of Ray's own pickles); what
+comes from storage never passes through here.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import logging
+import pickle
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
+
+from orchestrator.checkpoint.restore import with_rng
+from orchestrator.checkpoint.snapshot import Sharded, Snapshot, Snapshotter, StepGate, optimizers_in
+
+Emit = Callable[..., None]
+log = logging.getLogger(__name__)
+
+OWN, BUDDY = "own", "buddy"
+
+
+# --- what the gang holds, and the choice (pure) --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Held:
+    """One copy a process holds: rank `rank`'s state after `step`."""
+
+    rank: int
+    step: int
+    kind: str
+    """OWN (the holder took it of itself) or BUDDY (received from its neighbour)."""
+
+
+@dataclass(frozen=True)
+class MemoryChoice:
+    step: int
+    holders: tuple[int, ...]
+    """For each rank, the rank that holds its copy (itself when it survived)."""
+
+
+def choose_memory_step(world_size: int, held: list[list[Held]],
+                       at_least: int) -> MemoryChoice | str:
+    """The newest step at which every rank's state is held by some process of the gang, and
+    who holds each: a rank's own copy where it has one, else any holder. `held[p]`: what the
+    process now at rank p holds. A step older than `at_least` (the newest storage checkpoint)
+    is not worth it. Returns why not, when no step qualifies."""
+    if not any(held):
+        return "no rank holds a copy (every process is new)"
+    by_step: dict[int, dict[int, list[int]]] = {}
+    for process, copies in enumerate(held):
+        for c in copies:
+            if 0 <= c.rank < world_size:
+                by_step.setdefault(c.step, {}).setdefault(c.rank, []).append(process)
+    for step in sorted(by_step, reverse=True):
+        if step < at_least:
+            break
+        holders = by_step[step]
+        if len(holders) == world_size:
+            return MemoryChoice(step, tuple(r if r in holders[r] else min(holders[r])
+                                            for r in range(world_size)))
+    newest = max(by_step)
+    missing = sorted(set(range(world_size)) - set(by_step[newest]))
+    if newest < at_least:
+        return f"storage holds a newer step ({at_least}) than memory ({newest})"
+    return (f"no step is held for every rank (at step {newest}, nobody holds rank(s) "
+            f"{', '.join(map(str, missing))}: neighbours lost together?)")
+
+
+# --- copies: a snapshot's nested state, split for the wire and filled back ------------------
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    """Where a tensor was in a copy's nested state (the tensors travel separately)."""
+
+    index: int
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class Copy:
+    rank: int
+    step: int
+    state: dict[str, Any]
+    """As Snapshotter builds it: CPU tensors, `Sharded` for DTensor shards, plain values."""
+    generation: int
+    kind: str
+
+
+def split(state: Any) -> tuple[Any, list[torch.Tensor]]:
+    """(the structure with tensors replaced by _Leaf markers, the tensors in order)."""
+    tensors: list[torch.Tensor] = []
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        if isinstance(node, Sharded):
+            return Sharded(walk(node.local), node.shape, node.stride, node.placements)
+        if isinstance(node, torch.Tensor):
+            tensors.append(node)
+            return _Leaf(len(tensors) - 1, tuple(node.shape), str(node.dtype).removeprefix("torch."))
+        return node
+
+    return walk(state), tensors
+
+
+def join(skeleton: Any, tensors: list[torch.Tensor]) -> Any:
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        if isinstance(node, Sharded):
+            return Sharded(walk(node.local), node.shape, node.stride, node.placements)
+        if isinstance(node, _Leaf):
+            return tensors[node.index]
+        return node
+
+    return walk(skeleton)
+
+
+def leaves(skeleton: Any) -> list[_Leaf]:
+    found: list[_Leaf] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+        elif isinstance(node, Sharded):
+            walk(node.local)
+        elif isinstance(node, _Leaf):
+            found.append(node)
+
+    walk(skeleton)
+    return sorted(found, key=lambda leaf: leaf.index)
+
+
+class Mismatch(ValueError):
+    """A copy does not fit the state it would be loaded into."""
+
+
+def check_fits(live: Any, saved: Any, path: str = "") -> None:
+    """Raise Mismatch unless `saved` has the structure, shapes and dtypes of `live` (the state
+    as `state_dict()` gives it now). Nothing is changed."""
+    if isinstance(live, Stateful):
+        live = live.state_dict()
+    if isinstance(live, dict):
+        if not isinstance(saved, dict) or saved.keys() != live.keys():
+            raise Mismatch(f"{path or 'the state'}: keys differ")
+        for k in live:
+            check_fits(live[k], saved[k], f"{path}.{k}" if path else str(k))
+    elif isinstance(live, list):
+        if not isinstance(saved, list) or len(saved) != len(live):
+            raise Mismatch(f"{path}: lengths differ")
+        for i, (a, b) in enumerate(zip(live, saved)):
+            check_fits(a, b, f"{path}.{i}")
+    elif isinstance(live, torch.Tensor):
+        local = live._local_tensor if isinstance(live, DTensor) else live
+        tensor = saved.local if isinstance(saved, Sharded) else saved
+        if isinstance(live, DTensor) != isinstance(saved, Sharded) \
+                or not isinstance(tensor, torch.Tensor) \
+                or tensor.shape != local.shape or tensor.dtype != local.dtype:
+            raise Mismatch(f"{path}: a tensor of another kind, shape or dtype")
+
+
+def load_into(live: Any, saved: Any) -> Any:
+    """Load `saved` (checked with check_fits) the way DCP loads a checkpoint: tensors copied
+    in place into the state's own tensors (a DTensor's local shard), other values replaced,
+    then `load_state_dict` on each Stateful. Returns the loaded value of `live`."""
+    if isinstance(live, Stateful):
+        live.load_state_dict(load_into(live.state_dict(), saved))
+        return live
+    if isinstance(live, dict):
+        return {k: load_into(v, saved[k]) for k, v in live.items()}
+    if isinstance(live, list):
+        return [load_into(v, s) for v, s in zip(live, saved)]
+    if isinstance(live, torch.Tensor):
+        local = live._local_tensor if isinstance(live, DTensor) else live
+        with torch.no_grad():
+            local.copy_(saved.local if isinstance(saved, Sharded) else saved)
+        return live
+    return copy.deepcopy(saved)
+
+
+# --- moving copies between processes ------------------------------------------------------
+
+
+def exchange(group: dist.ProcessGroup, send_to: int | None, sending: Copy | None,
+             recv_from: int | None, buffers: dict[int, torch.Tensor]) -> dict[str, Any] | None:
+    """Send `sending`'s state to `send_to` while receiving one from `recv_from` (either may be
+    None), over point-to-point messages of `group`: the structure's size, the structure, then
+    each tensor. Received tensors go into `buffers` (by position, reused when they fit)."""
+
+    def both(out: torch.Tensor | None, into: torch.Tensor | None) -> None:
+        works = []
+        if out is not None:
+            works.append(dist.isend(out, send_to, group=group))
+        if into is not None:
+            works.append(dist.irecv(into, recv_from, group=group))
+        for w in works:
+            w.wait()
+
+    skeleton, tensors, body = None, [], None
+    if sending is not None:
+        skeleton, tensors = split({"rank": sending.rank, "step": sending.step,
+                                   "state": sending.state})
+        body = torch.frombuffer(bytearray(pickle.dumps(skeleton)), dtype=torch.uint8)
+    size = torch.zeros(1, dtype=torch.int64) if recv_from is not None else None
+    both(torch.tensor([body.numel()]) if body is not None else None, size)
+    got = torch.empty(int(size.item()), dtype=torch.uint8) if size is not None else None
+    both(body, got)
+    theirs: list[torch.Tensor] = []
+    if got is not None:
+        structure = pickle.loads(got.numpy().tobytes())  # a peer of this job (see the top)
+        for leaf in leaves(structure):
+            dtype = getattr(torch, leaf.dtype)
+            buf = buffers.get(leaf.index)
+            if buf is None or tuple(buf.shape) != leaf.shape or buf.dtype != dtype:
+                buf = buffers[leaf.index] = torch.empty(leaf.shape, dtype=dtype)
+            theirs.append(buf)
+    works = [dist.isend(t.contiguous(), send_to, group=group) for t in tensors]
+    works += [dist.irecv(t, recv_from, group=group) for t in theirs]
+    for w in works:
+        w.wait()
+    return join(structure, theirs) if got is not None else None
+
+
+# --- the tier itself: kept by the worker actor across attempts ------------------------------
+
+
+class _Generation:
+    """Buffers for one held step: this rank's snapshot, and the buddy copy received."""
+
+    def __init__(self) -> None:
+        self.snapshotter = Snapshotter(shared_memory=False, keep_dtensors=False)
+        self.buddy_buffers: dict[int, torch.Tensor] = {}
+
+
+@dataclass
+class _Job:
+    step: int
+    generation: int
+    snap: Snapshot
+    ring: dist.ProcessGroup | None
+    done: threading.Event
+    future: concurrent.futures.Future | None = None
+
+
+class MemoryTier:
+    """The copies one worker holds. Lives on the TrainWorker (it outlives attempts); each
+    attempt calls `begin_attempt`, then `restore` once, then `capture` after steps."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: list[Copy] = []
+        self._generations = [_Generation(), _Generation()]
+        self._fingerprint: tuple[int, str] | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memory")
+        self._job: _Job | None = None
+        self._gate: StepGate | None = None
+        self._rank = 0
+        self._world_size = 1
+        self._group: dist.ProcessGroup | None = None
+        """The training thread's gloo group (restores)."""
+        self._ring: dist.ProcessGroup | None = None
+        """The memory thread's gloo group (the buddy exchange)."""
+        self._interval = 0
+        self._emit: Emit = lambda *a, **k: None
+        self._state: dict[str, Any] | None = None
+        self.wait_s = 0.0
+        """Time the training thread waited for the memory tier's copies, in total."""
+
+    # --- per attempt -----------------------------------------------------------------------
+
+    def begin_attempt(self, *, rank: int, world_size: int, parallelism: str,
+                      group: dist.ProcessGroup, ring: dist.ProcessGroup | None,
+                      interval_steps: int, emit: Emit) -> None:
+        """A new attempt, on the gang's new group. Copies of another world size or
+        parallelism are dropped: their shards do not fit this gang."""
+        self._abandon_job()
+        fingerprint = (world_size, parallelism)
+        if self._fingerprint != fingerprint:
+            self.clear()
+        self._fingerprint = fingerprint
+        self._rank, self._world_size = rank, world_size
+        self._group, self._ring = group, ring
+        self._interval = interval_steps if ring is not None else 0
+        self._emit = emit
+        self._state = None
+        self._gate = StepGate(self._on_gate_wait)
+
+    def end_attempt(self, timeout_s: float | None) -> None:
+        """The attempt is over: wait (at most `timeout_s`) for the copy in flight."""
+        job = self._job
+        if job is not None and job.future is not None:
+            concurrent.futures.wait([job.future], timeout=timeout_s)
+        if self._gate is not None:
+            self._gate.remove()
+        # Nothing of the attempt may stay referenced: peers notice a failed rank only when its
+        # groups' last references go (worker.py), and the state holds the model's group.
+        self._state = self._group = self._ring = None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._held = []
+
+    def held(self) -> list[Held]:
+        with self._lock:
+            return [Held(c.rank, c.step, c.kind) for c in self._held]
+
+    # --- restore ---------------------------------------------------------------------------
+
+    def restore(self, state: dict[str, Any], *, newest_in_storage: int) -> int | None:
+        """Collective (the training thread's group). Load into `state` the newest step the gang holds completely
+        for every rank, if at least as new as storage's; return it, or None (restore from
+        storage: every rank returns the same). Either way, `capture` then copies `state`."""
+        self._state = state
+        if self._interval <= 0:
+            return None
+        group = self._group
+        t0 = time.monotonic()
+        gathered: list[list[Held]] = [[] for _ in range(self._world_size)]
+        dist.all_gather_object(gathered, self.held(), group=group)
+        choice = choose_memory_step(self._world_size, gathered, newest_in_storage)
+        if isinstance(choice, str):
+            if self._rank == 0 and any(gathered):
+                log.warning("memory tier not used: %s; restoring from storage", choice)
+                self._emit("memory_restore_skipped", reason=choice,
+                           storage_step=newest_in_storage)
+            self.clear()
+            return None
+        mine, problem = None, ""
+        try:
+            mine = self._gather_copy(choice, group)
+            check_fits(with_rng(self._rank, state), mine.state)
+        except Mismatch as e:
+            problem = f"rank {self._rank}: {e}"
+        problems: list[str] = [""] * self._world_size
+        dist.all_gather_object(problems, problem, group=group)
+        problems = [p for p in problems if p]
+        if problems:
+            if self._rank == 0:
+                log.warning("memory tier not used: %s; restoring from storage", problems[0])
+                self._emit("memory_restore_skipped", reason=problems[0],
+                           storage_step=newest_in_storage)
+            self.clear()
+            return None
+        live = with_rng(self._rank, state)
+        loaded = load_into(live, mine.state)
+        for k, v in live.items():  # as DCP does: a plain top-level value is replaced
+            if k in state and not isinstance(v, Stateful):
+                state[k] = loaded[k]
+        with self._lock:
+            self._held = [c for c in self._held if c.step <= choice.step]
+        if self._rank == 0:
+            sources = [{"rank": r, "holder": h, "kind": OWN if h == r else BUDDY}
+                       for r, h in enumerate(choice.holders)]
+            log.info("restored step %d from memory (%s)", choice.step,
+                     ", ".join(f"rank {s['rank']}: {s['kind']}"
+                               + (f" copy on rank {s['holder']}" if s['holder'] != s['rank'] else "")
+                               for s in sources))
+            self._emit("memory_restored", step=choice.step, storage_step=newest_in_storage,
+                       sources=sources, load_s=round(time.monotonic() - t0, 3))
+        return choice.step
+
+    def _gather_copy(self, choice: MemoryChoice, group: dist.ProcessGroup) -> Copy:
+        """Every rank ends with its own state of `choice.step`: holders send the copies of
+        ranks that lost theirs (one transfer at a time, in rank order; every rank walks the
+        same list)."""
+        with self._lock:
+            by_rank = {c.rank: c for c in self._held if c.step == choice.step}
+        mine = by_rank.get(self._rank) if choice.holders[self._rank] == self._rank else None
+        for rank, holder in enumerate(choice.holders):
+            if holder == rank:
+                continue
+            if self._rank == holder:
+                exchange(group, rank, by_rank[rank], None, {})
+            elif self._rank == rank:
+                state = exchange(group, None, None, holder, {})
+                mine = Copy(rank=state["rank"], step=state["step"], state=state["state"],
+                            generation=-1, kind=BUDDY)
+        assert mine is not None and mine.rank == self._rank and mine.step == choice.step
+        return mine
+
+    # --- capture ---------------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        return self._interval > 0 and self._state is not None and step % self._interval == 0
+
+    def capture(self, step: int) -> None:
+        """After `step` (training thread, every rank at the same steps): snapshot the state
+        and start the copy and the buddy exchange on the memory thread."""
+        if not self.due(step):
+            return
+        self._wait_for_job()
+        with self._lock:
+            # Into the generation that does not hold the newest complete step, whose copies
+            # (about to be overwritten) are let go first.
+            newest = max(self._held, key=lambda c: c.step, default=None)
+            gen = 1 - newest.generation if newest is not None else 0
+            self._held = [c for c in self._held if c.generation != gen]
+        state = with_rng(self._rank, self._state)
+        snap = self._generations[gen].snapshotter.take(state)
+        job = _Job(step=step, generation=gen, snap=snap, ring=self._ring,
+                   done=threading.Event())
+        self._gate.hook(optimizers_in(self._state))
+        self._gate.arm(_GateOn(job.done))
+        job.future = self._executor.submit(self._copy_and_exchange, job)
+        self._job = job
+
+    def _copy_and_exchange(self, job: _Job) -> None:
+        try:
+            job.snap.copy_deferred()
+            own = Copy(self._rank, job.step, job.snap.state, job.generation, OWN)
+            with self._lock:
+                self._held.append(own)
+            n = self._world_size
+            if n > 1:
+                got = exchange(job.ring, (self._rank - 1) % n, own, (self._rank + 1) % n,
+                               self._generations[job.generation].buddy_buffers)
+                with self._lock:
+                    self._held.append(Copy(got["rank"], got["step"], got["state"],
+                                           job.generation, BUDDY))
+        except BaseException as e:  # noqa: BLE001 -- a peer gone: the attempt fails anyway
+            log.info("memory copy of step %d not completed: %s", job.step, e)
+        finally:
+            job.ring = None
+            job.done.set()
+
+    def _wait_for_job(self) -> None:
+        job = self._job
+        if job is not None and not job.done.is_set():
+            t0 = time.monotonic()
+            job.done.wait()
+            self.wait_s += time.monotonic() - t0
+
+    def _abandon_job(self) -> None:
+        """A copy still in flight from a failed attempt may be stuck on a dead peer: its
+        generation's buffers are given up rather than shared with it."""
+        job, self._job = self._job, None
+        if job is not None and not job.done.is_set():
+            with self._lock:
+                self._held = [c for c in self._held if c.generation != job.generation]
+            self._generations[job.generation] = _Generation()
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="memory")
+
+    def _on_gate_wait(self, waited_s: float) -> None:
+        self.wait_s += waited_s
+
+
+class _GateOn:
+    """What StepGate waits on: anything with a `copied` event."""
+
+    def __init__(self, done: threading.Event) -> None:
+        self.copied = done

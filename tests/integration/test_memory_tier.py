@@ -1,0 +1,37 @@
+"""The memory tier on real gloo processes: copies taken while training, the buddy ring, and a
+restore in which some ranks come back as new processes (no Ray: the restore itself)."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.local_gang import run_gang
+from tests.integration import memory_scenarios as sc
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_new_processes_get_their_state_of_the_last_step_from_their_buddies(tmp_path, parallelism):
+    results = run_gang(sc.lose_and_restore, 4, parallelism, {0, 2}, 5, 3, out_dir=str(tmp_path))
+    for rank, r in enumerate(results):
+        assert r["restored"] == 5, r
+        # Model, optimizer, step, data position and RNG: all of it as it was after step 5.
+        assert r["equal"] == r["keys"], sorted(set(r["keys"]) - set(r["equal"]))
+        assert any(k.startswith("train.optimizer.state.") for k in r["keys"])
+        assert any(k.startswith("rng_rank") for k in r["keys"])
+    (event,) = [e for e in results[0]["events"] if e["kind"] == "memory_restored"]
+    assert event["step"] == 5
+    assert [(s["rank"], s["holder"], s["kind"]) for s in event["sources"]] == [
+        (0, 3, "buddy"), (1, 1, "own"), (2, 1, "buddy"), (3, 3, "own")]
+
+
+def test_neighbours_lost_together_or_a_newer_storage_step_restore_nothing(tmp_path):
+    adjacent = run_gang(sc.lose_and_restore, 4, "ddp", {1, 2}, 4, 0, out_dir=str(tmp_path))
+    for r in adjacent:
+        assert r["restored"] is None and r["held"] == []  # cleared: storage comes next
+    (skipped,) = [e for e in adjacent[0]["events"] if e["kind"] == "memory_restore_skipped"]
+    assert "rank(s) 2" in skipped["reason"], skipped
+
+    newer = run_gang(sc.lose_and_restore, 2, "ddp", set(), 4, 6, out_dir=str(tmp_path))
+    assert [r["restored"] for r in newer] == [None, None]
+    (skipped,) = [e for e in newer[0]["events"] if e["kind"] == "memory_restore_skipped"]
+    assert "newer step (6)" in skipped["reason"]
