@@ -30,7 +30,14 @@ def wrap_for_parallelism(model: torch.nn.Module, shard_units: list[torch.nn.Modu
         fully_shard(model, mesh=mesh)
         return model
     if parallelism == "ddp":
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # find_unused_parameters keeps DDP's gradient buckets in their initial order: DDP
+        # otherwise re-orders them after the first iteration of each DDP instance, so the
+        # first step after a restart would all-reduce in other buckets than the uninterrupted
+        # run did at that step -- and with more than 2 ranks, a ring all-reduce sums each
+        # element in an order that depends on where it sits in its bucket: the resumed run
+        # would differ in the last bits.
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=True)
     raise ValueError(f"workload.args.parallelism: {parallelism!r}; use 'ddp' or 'fsdp'")
 
 

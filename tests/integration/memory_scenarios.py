@@ -41,12 +41,15 @@ def lose_and_restore(rank, world, groups, parallelism, lose, captured_steps, new
     assert tier.restore(state, newest_in_storage=0) is None  # nothing held yet
     for step in range(1, captured_steps + 1):
         trainer.step(step)
+        if step == captured_steps:
+            reference = local_state(with_rng(rank, state))
         tier.capture(step)
-    tier.end_attempt(timeout_s=None)
-    reference = local_state(with_rng(rank, state))
+    # The steps the failure loses: the first one's forward and backward overlap the copy of
+    # the last captured step, and its optimizer step waits for that copy.
     torch.rand(3)  # the RNG moves on, as training would
-    for step in range(captured_steps + 1, captured_steps + 3):  # steps the failure loses
+    for step in range(captured_steps + 1, captured_steps + 3):
         trainer.step(step)
+    tier.end_attempt(timeout_s=None)
     if rank in lose:  # as a new process: no copies, and state as from another seed
         tier = MemoryTier()
         with torch.no_grad():
