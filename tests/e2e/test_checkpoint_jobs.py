@@ -28,10 +28,12 @@ GPT = {"steps": STEPS, "seed": 1, "dropout": 0.1, "n_layer": 2, "n_embd": 32, "s
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "format_v1" / "v1run"
 
 
+# The storage path is what these tests are about: the memory tier, on by default, would resume
+# from memory instead (tests/e2e/test_memory_tier.py covers that).
 def gpt_job(storage, name, *, checkpoint=None, chaos=None, failure=None):
     return make_config(
         str(storage), name, workload={"entrypoint": "workloads.gpt:train", "args": GPT},
-        scaling={"num_workers": 2}, checkpoint={"interval_steps": 5, **(checkpoint or {})},
+        scaling={"num_workers": 2}, checkpoint={"interval_steps": 5, "memory_interval_steps": 0, **(checkpoint or {})},
         failure={"max_restarts": 3, **(failure or {})}, chaos=chaos or {})
 
 
@@ -86,7 +88,7 @@ def mlp_job(storage, name, workers, parallelism, **checkpoint):
         str(storage), name,
         workload={"entrypoint": "workloads.mlp:train",
                   "args": {"steps": 8, "seed": 3, "batch_size": 16, "parallelism": parallelism}},
-        scaling={"num_workers": workers}, checkpoint={"interval_steps": 1, **checkpoint})
+        scaling={"num_workers": workers}, checkpoint={"interval_steps": 1, "memory_interval_steps": 0, **checkpoint})
 
 
 def test_a_4_worker_fsdp_checkpoint_resumes_on_2_workers_and_on_ddp(ray_cluster, tmp_path):
@@ -117,7 +119,7 @@ def test_a_format_1_run_resumes_and_continues_in_the_current_format(ray_cluster,
     config = make_config(
         str(tmp_path), "v1run",
         workload={"entrypoint": "workloads.mlp:train", "args": {"steps": 4, "width": 8}},
-        scaling={"num_workers": 2}, checkpoint={"interval_steps": 2})
+        scaling={"num_workers": 2}, checkpoint={"interval_steps": 2, "memory_interval_steps": 0})
     result, layout = run_job(config)
     assert result.succeeded, result.message
     assert [e["step"] for e in events_of(layout, "checkpoint_restored")] == [2]
@@ -186,7 +188,7 @@ def test_a_job_on_s3_survives_a_kill_and_never_writes_the_credentials(ray_cluste
         workload={"entrypoint": "workloads.mlp:train",
                   "args": {"steps": 12, "step_time_s": 0.5}},
         scaling={"num_workers": 2},
-        checkpoint={"interval_steps": 4, "async_mode": "thread", "keep_last": 1},
+        checkpoint={"interval_steps": 4, "async_mode": "thread", "keep_last": 1, "memory_interval_steps": 0},
         chaos=FaultPlan().kill_at(rank=1, step=7).config())
     with caplog.at_level("DEBUG"):
         result, layout = run_job(config)

@@ -31,6 +31,8 @@ VARIANTS = {"ddp": {"parallelism": "ddp"},
             "fsdp_ac": {"parallelism": "fsdp", "activation_checkpointing": "full"}}
 
 
+# The storage path is what these tests are about: the memory tier, on by default, would resume
+# from memory instead (tests/e2e/test_memory_tier.py covers that).
 def data_job(storage, name, data_url, trace: Path, *, workers=2, variant="ddp", chaos=None,
              steps=STEPS, batch=8, **checkpoint):
     trace.mkdir(parents=True, exist_ok=True)
@@ -39,7 +41,7 @@ def data_job(storage, name, data_url, trace: Path, *, workers=2, variant="ddp", 
     return make_config(str(storage), name,
                        workload={"entrypoint": "workloads.gpt:train", "args": args},
                        scaling={"num_workers": workers},
-                       checkpoint={"interval_steps": 5, **checkpoint},
+                       checkpoint={"interval_steps": 5, "memory_interval_steps": 0, **checkpoint},
                        failure={"max_restarts": 3}, chaos=chaos or {})
 
 

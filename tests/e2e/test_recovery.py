@@ -20,11 +20,13 @@ VARIANTS = {
 }
 
 
+# The storage path is what these tests are about: the memory tier, on by default, would resume
+# from memory instead (tests/e2e/test_memory_tier.py covers that).
 def gpt_job(tmp_path, variant: str, name: str, chaos: dict | None = None, **sections):
     return make_config(
         str(tmp_path), name,
         workload={"entrypoint": "workloads.gpt:train", "args": VARIANTS[variant]},
-        scaling={"num_workers": 2}, checkpoint={"interval_steps": 5},
+        scaling={"num_workers": 2}, checkpoint={"interval_steps": 5, "memory_interval_steps": 0},
         failure={"max_restarts": 3}, chaos=chaos or {}, **sections)
 
 
@@ -99,7 +101,7 @@ def test_kill_and_resume_with_each_activation_checkpointing_mode(ray_cluster, tm
     config = make_config(str(tmp_path), "ac", workload={
         "entrypoint": "workloads.gpt:train",
         "args": {**VARIANTS["ddp"], "activation_checkpointing": mode}},
-        scaling={"num_workers": 2}, checkpoint={"interval_steps": 5},
+        scaling={"num_workers": 2}, checkpoint={"interval_steps": 5, "memory_interval_steps": 0},
         chaos=FaultPlan().kill_at(rank=0, step=7).config())
     result, layout = run_job(config)
     assert result.succeeded, result.message

@@ -79,10 +79,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120, env=os.environ.copy())
 
 
+# The storage path is what these tests are about: the memory tier, on by default, would resume
+# from memory instead (tests/e2e/test_memory_tier.py covers that).
 def mlp_job(storage: Path, steps: int):
     return make_config(str(storage), "untrusted",
                        workload={"entrypoint": "workloads.mlp:train", "args": {"steps": steps}},
-                       scaling={"num_workers": 2}, checkpoint={"interval_steps": 2})
+                       scaling={"num_workers": 2}, checkpoint={"interval_steps": 2, "memory_interval_steps": 0})
 
 
 def test_planted_pickles_are_refused_by_every_reader_and_never_run(ray_cluster, tmp_path):
