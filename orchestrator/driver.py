@@ -19,7 +19,7 @@ import signal
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
+from typing import Any, Callable
 
 from orchestrator.chaos.inject import write_marker
 from orchestrator.chaos.plan import Fault, FaultPlan
@@ -485,6 +485,8 @@ class Driver:
                 self.events.emit(kind, rank=report.rank, **event)
                 if kind == "checkpoint_committed":
                     self._committed_by_this_job = True
+                if report.rank == 0:
+                    _say_where_resumed(kind, event)
             if report.rank == 0 and report.step_durations:
                 self._attempt_span = (self._attempt_span or (now, now))[0], now
                 self._add_to_span(report)
@@ -604,3 +606,20 @@ class Driver:
                         delay)
             self._sleep(delay)
             delay = min(delay * 2, 10.0)
+
+
+def _say_where_resumed(kind: str, event: dict[str, Any]) -> None:
+    """The restart line could only say "the memory tier if ..., else the checkpoint of step
+    N"; rank 0's restore event says which it was, and the user reads it here (a worker's own
+    log lines do not reach a job's log)."""
+    if kind == "memory_restored":
+        sources = ", ".join(
+            f"rank {s.get('rank')}: " + ("own" if s.get("holder") == s.get("rank")
+                                          else f"buddy copy on rank {s.get('holder')}")
+            for s in event.get("sources") or [] if isinstance(s, dict))
+        log.info("resumed from the memory tier at step %s (%s)", event.get("step"), sources)
+    elif kind == "memory_restore_skipped":
+        log.warning("memory tier not used: %s; restoring from storage", event.get("reason"))
+    elif kind == "checkpoint_restored":
+        log.info("resumed from the checkpoint of step %s", event.get("step"))
+

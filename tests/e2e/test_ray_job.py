@@ -114,7 +114,11 @@ def test_a_submitted_job_survives_a_kill_and_its_logs_show_progress_and_recovery
     assert "\r" not in text
     # The recovery, said by us: what happened and what comes next; Ray's banner is one line.
     assert "attempt 0 failed: rank 1: worker_died" in text
-    assert "attempt 1: replacing rank(s) 1, resuming from the checkpoint of step 10" in text
+    assert ("attempt 1: replacing rank(s) 1, resuming from the memory tier if the gang still "
+            "holds every rank's state, else the checkpoint of step 10") in text
+    # ... and rank 0 says which it was: rank 0 holds rank 1's buddy copy, so memory.
+    assert re.search(r"resumed from the memory tier at step 1[12] \(rank 0: own, rank 1: buddy "
+                     r"copy on rank 0\)", text), text[-3000:]
     assert "A worker died or was killed" not in text
     assert "job succeeded" in text
     layout = RunLayout(Storage(str(tmp_path / "runs")), "submitted")

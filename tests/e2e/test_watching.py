@@ -116,8 +116,9 @@ def test_a_run_in_a_terminal_shows_a_bar_serves_metrics_and_reports_where_its_ti
     assert last and "committed 150" in last[-1] and "restarts 1" in last[-1], frames[-3:]
     assert re.search(r"training: +\d+%\|", out)  # tqdm's own bar, not plain lines
     assert " steps/s" in last[-1] and "eta 0s" in last[-1] and "goodput" in last[-1]
-    restart = re.search(r"attempt 1: replacing rank\(s\) 1, resuming from the checkpoint of "
-                        r"step (\d+)", out)
+    restart = re.search(r"attempt 1: replacing rank\(s\) 1, resuming from the memory tier if the "
+                        r"gang still holds every rank's state, else the checkpoint of step (\d+)",
+                        out)
     assert restart, out[-3000:]
     assert "A worker died or was killed" not in out
 
