@@ -30,8 +30,13 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 
+_LEAVES = (torch.Tensor, int, float, str, bytes, type(None), list, tuple)
+
+
 def plain_state(state: Any) -> Any:
     """The nested dict DCP would save: Stateful objects replaced by their state_dict()."""
+    if isinstance(state, _LEAVES):
+        return state  # before the Stateful check: a Protocol isinstance costs ~20 us a leaf
     if isinstance(state, Stateful):
         state = state.state_dict()
     if isinstance(state, dict):
