@@ -5,8 +5,10 @@
                    +--> (failure) -> RECOVERING -> STARTING -> RUNNING ...
                    +--> (policy says stop) -> FAILED
 
-`run()` is `while not state.terminal: step()`; every transition goes through `_set_state`,
-the one place that logs it. The driver keeps nothing that is not in storage: checkpoints,
+`run()` is `while not state.terminal: step()`; each state's handler returns the next state,
+and `step()` is the one place that sets it (through `_set_state`, which logs a transition).
+What the driver knows of the attempt in flight is an `Attempt`, made anew by each start.
+The driver keeps nothing that is not in storage: checkpoints,
 fired faults and the event log all live there, so a new driver on the same run resumes it.
 """
 
@@ -34,8 +36,9 @@ from orchestrator.errors import CheckpointError, PlacementError
 from orchestrator.events import EventLog
 from orchestrator.goodput import GoodputLedger
 from orchestrator.hangs import HangTimeouts, Pace, ProgressWatch
-from orchestrator.failures import (Action, Failure, FailureKind, Incident, RankResult, classify,
-                                   decide, describe, is_peer_echo)
+from orchestrator.failures import Action, Failure, FailureKind, Incident, decide, describe
+from orchestrator.triage import (Ending, RankResult, preemptions, something_failed, suspects,
+                                 triage)
 from orchestrator.context import StopMode
 from orchestrator.continuation import continuation
 from orchestrator.lease import LeaseKeeper, RunLease
@@ -111,6 +114,27 @@ class Failed:
 State = Starting | Running | Recovering | Succeeded | Failed
 
 
+@dataclass
+class Attempt:
+    """What the driver knows of the attempt in flight; each start makes a new one."""
+
+    number: int
+    progress: ProgressWatch
+    """The ranks of this attempt and when each last made progress (hang detection)."""
+    next_cluster_check: float = 0.0
+    stop_requested: set[int] = field(default_factory=set)
+    """Ranks asked to stop after a checkpoint in this attempt (each is asked once)."""
+    awaiting_first_step: bool = True
+    """Whether this attempt's first finished step is still to be logged (the end of a
+    recovery, as far as users are concerned)."""
+    span: tuple[float, float] | None = None
+    """Monotonic times at which the first and the latest step of this attempt were seen."""
+
+    @property
+    def ranks(self) -> set[int]:
+        return self.progress.ranks
+
+
 @dataclass(frozen=True)
 class JobResult:
     succeeded: bool
@@ -156,20 +180,13 @@ class Driver:
         self._pace = Pace()
         """How long steps and saves took in this run, for hang detection (kept across
         attempts)."""
-        self._progress = ProgressWatch(range(0), monotonic(), self._hang_timeouts, self._pace)
-        self._awaiting_first_step = False
-        """Whether this attempt's first finished step is still to be logged (the end of a
-        recovery, as far as users are concerned)."""
-        self._stop_requested: set[int] = set()
-        """Ranks asked to stop after a checkpoint in this attempt (each is asked once)."""
-        self._next_cluster_check = 0.0
+        self._attempt = Attempt(number=0, awaiting_first_step=False, progress=ProgressWatch(
+            range(0), monotonic(), self._hang_timeouts, self._pace))
         self._next_progress_log = 0.0
         self._committed_by_this_job = False
         """Whether a checkpoint_committed event came from this job: from then on restarts
         resume from the latest checkpoint, whatever `checkpoint.restore` says."""
         self._reported_invalid: set[int] = set()
-        self._attempt_span: tuple[float, float] | None = None
-        """Monotonic times at which the first and the latest step of this attempt were seen."""
         self._chaos = ChaosSchedule(
             FaultPlan.from_config(config.chaos).faults(config.scaling.num_workers), layout,
             started_at=clock())
@@ -217,17 +234,21 @@ class Driver:
         return result
 
     def step(self) -> None:
-        """Carry out the current state once, possibly moving to the next."""
+        """Carry out the current state once; its handler says which state comes next."""
         if self._keeper is not None and self._keeper.check():
             # Another driver has the run now: this one's workers can no longer commit, and
-            # it must not write anything more into the run (not even the end of it).
+            # it must not write anything more into the run (not even the end of it, nor
+            # this transition).
             log.error("%s: this driver stops", self._keeper.lost)
             self.state = Failed(reason=f"{self._keeper.lost}: this driver stops")
             return
         handler = {Starting: self._start, Running: self._watch, Recovering: self._recover}
-        handler[type(self.state)](self.state)
+        self._set_state(handler[type(self.state)](self.state))
 
     def _set_state(self, new: State) -> None:
+        if type(new) is type(self.state):  # RUNNING goes on (with the ranks ended so far)
+            self.state = new
+            return
         log.info("%s -> %s", type(self.state).__name__, type(new).__name__)
         if isinstance(self.state, Running):
             self._emit_progress()  # the attempt's last steps, before what ended it
@@ -237,7 +258,7 @@ class Driver:
 
     # --- STARTING --------------------------------------------------------------------------
 
-    def _start(self, state: Starting) -> None:
+    def _start(self, state: Starting) -> State:
         if state.attempt == 0:
             self._collect_garbage()
         candidates, rejected = committed_checkpoints(self._layout)
@@ -259,8 +280,7 @@ class Driver:
                                 self._layout.storage.url_of(self._layout.run_name),
                                 committed_by_this_job=self._committed_by_this_job)
         except CheckpointError as e:
-            self._set_state(Failed(reason=str(e)))
-            return
+            return Failed(reason=str(e))
         from_step = plan.candidates[0] if plan.candidates else 0
         if state.attempt > 0:
             # from_step: the storage checkpoint; the workers may resume from a newer step of
@@ -278,13 +298,11 @@ class Driver:
                 self._group.shutdown()
             infos = self._group.form(set(state.lost))
         except PlacementError as e:
-            self._set_state(Failed(reason=str(e)))
-            return
+            return Failed(reason=str(e))
         except WorkerStartError as e:
-            self._on_incident(state.attempt, [Failure(
+            return self._on_incident(state.attempt, [Failure(
                 kind=FailureKind.START_FAILED, rank=-1, step=from_step, message=str(e),
                 attempt=state.attempt)])
-            return
         self.events.emit("workers_started", attempt=state.attempt,
                          workers=[{"rank": r, "node_id": i.node_id, "pid": i.pid}
                                   for r, i in enumerate(infos)],
@@ -300,15 +318,13 @@ class Driver:
             fencing_token=self._lease.generation if self._lease else 0,
             storage_probe=write_driver_probe(self._layout)))
         now = self._monotonic()
-        self._progress = ProgressWatch(range(len(infos)), now, self._hang_timeouts, self._pace)
-        self._stop_requested = set()
-        self._next_cluster_check = now
+        self._attempt = Attempt(number=state.attempt, next_cluster_check=now,
+                                progress=ProgressWatch(range(len(infos)), now,
+                                                       self._hang_timeouts, self._pace))
         if len(infos) != cfg.scaling.num_workers:
             self.events.emit("elastic_world_size", world_size=len(infos),
                              num_workers=cfg.scaling.num_workers)
-        self._awaiting_first_step = True
-        self._attempt_span = None
-        self._set_state(Running(attempt=state.attempt))
+        return Running(attempt=state.attempt)
 
     def _collect_garbage(self) -> None:
         """Debris of interrupted saves goes at job start, when no save can be in flight: the
@@ -323,61 +339,52 @@ class Driver:
 
     # --- RUNNING ---------------------------------------------------------------------------
 
-    def _watch(self, state: Running) -> None:
+    def _watch(self, state: Running) -> State:
         results = dict(state.results)
         for r in self._group.wait(POLL_INTERVAL_S):
             results[r.rank] = r
         self._absorb(self._group.poll(POLL_INTERVAL_S))
-        hangs = self._progress.hung(set(results), self._monotonic())
-        hung = {h.rank for h in hangs}
+        hangs = self._attempt.progress.hung(set(results), self._monotonic())
         if hangs:
-            self.events.emit("hang_detected", ranks=sorted(hung),
+            self.events.emit("hang_detected", ranks=sorted(h.rank for h in hangs),
                              hang_timeout_s=round(max(h.timeout_s for h in hangs), 2),
                              hangs=[{"rank": h.rank, "doing": h.doing.value,
                                      "stalled_s": round(h.stalled_s, 2),
                                      "timeout_s": round(h.timeout_s, 2), "why": h.why}
                                     for h in hangs])
-            self._group.kill(hung)
-        if hung or any(not r.ok for r in results.values()):
+            self._group.kill({h.rank for h in hangs})
+        if something_failed(results, hangs):
             self._collect_rest(results)
-            self._find_culprits(results)
-            for h in hangs:
-                results[h.rank] = replace(
-                    results.get(h.rank) or RankResult(rank=h.rank, step=-1, ok=False),
-                    ok=False, hung=True, died=False,
-                    message=f"no progress for {h.stalled_s:.0f}s in {h.doing.words} "
-                            f"(timeout {h.timeout_s:.0f}s, {h.why})")
-            self._on_incident(state.attempt, classify(self._with_known_steps(results),
-                                                      state.attempt))
-        elif len(results) == len(self._progress.ranks):
-            if any(r.stopped for r in results.values()):
-                self._on_stopped(state.attempt, results)
-            else:
-                self._set_state(Succeeded())
-        else:
-            self._check_cluster()
-            self.state = Running(attempt=state.attempt, results=results)
+            return self._on_incident(state.attempt,
+                                     triage(results, hangs, self._last_step, state.attempt))
+        if len(results) == len(self._attempt.ranks):
+            if any(r.ending is not Ending.FINISHED for r in results.values()):
+                return self._on_stopped(state.attempt, results)
+            return Succeeded()
+        self._check_cluster()
+        return replace(state, results=results)
 
     def _check_cluster(self) -> None:
         """Once a second: pass preemption notices of draining nodes on to their ranks, and
         when the gang runs below num_workers and room is back, ask it to stop at the next
         checkpoint so it can grow."""
         now = self._monotonic()
-        if now < self._next_cluster_check:
+        if now < self._attempt.next_cluster_check:
             return
-        self._next_cluster_check = now + CLUSTER_CHECK_INTERVAL_S
+        self._attempt.next_cluster_check = now + CLUSTER_CHECK_INTERVAL_S
         self._run_chaos()
-        draining = self._group.draining_ranks() - self._stop_requested
+        attempt = self._attempt
+        draining = self._group.draining_ranks() - attempt.stop_requested
         if draining:
             self.events.emit("preemption_notice", ranks=sorted(draining), source="node drain")
             self._group.request_stop(draining, StopMode.NOW, "preemption notice: node draining")
-            self._stop_requested |= draining
-        if not self._stop_requested and self._group.missing_workers_placeable():
-            ranks = self._progress.ranks
+            attempt.stop_requested |= draining
+        if not attempt.stop_requested and self._group.missing_workers_placeable():
+            ranks = attempt.ranks
             self.events.emit("grow_requested", num_workers=self._config.scaling.num_workers)
             self._group.request_stop(ranks, StopMode.AT_CHECKPOINT,
                                      "resources are back: growing to scaling.num_workers")
-            self._stop_requested |= ranks
+            attempt.stop_requested |= ranks
 
     # --- chaos: faults injected on purpose (orchestrator/chaos/) ----------------------------
 
@@ -411,7 +418,7 @@ class Driver:
             self._carry_out(fault, gang_step)
 
     def _carry_out(self, fault: Fault, gang_step: int) -> None:
-        world = len(self._progress.ranks)
+        world = len(self._attempt.ranks)
         if fault.kind != "kill_driver" and fault.rank >= world:
             why = f"rank {fault.rank} is not in the gang of {world}"
         elif fault.kind == "kill_node":
@@ -427,7 +434,7 @@ class Driver:
             self._group.inject(fault.rank, fault)
             return
         write_marker(self._layout, fault, rank=fault.rank, step=gang_step,
-                     attempt=self.state.attempt)
+                     attempt=self._attempt.number)
         if fault.kind == "kill_driver":
             self.events.emit("fault_fired", **fault.to_event(), step=gang_step,
                              pid=os.getpid())
@@ -435,49 +442,34 @@ class Driver:
             log.warning("chaos: %s: this driver kills itself (SIGKILL)", fault.id)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def _on_stopped(self, attempt: int, results: dict[int, RankResult]) -> None:
+    def _on_stopped(self, attempt: int, results: dict[int, RankResult]) -> State:
         """The gang checkpointed and stopped on request: a preemption (the noticed ranks'
         workers are about to go, and are replaced) or a resize (placed anew)."""
-        noticed = [r for r in results.values() if r.got_notice]
+        noticed = preemptions(results, attempt)
         if noticed:
-            self._on_incident(attempt, [
-                Failure(kind=FailureKind.PREEMPTED, rank=r.rank, step=r.step, message=r.stopped,
-                        attempt=attempt, node_id=r.node_id) for r in noticed])
-        else:
-            self.events.emit("resize", from_world_size=len(results),
-                             to_num_workers=self._config.scaling.num_workers)
-            self._set_state(Recovering(attempt=attempt, regroup=True))
+            return self._on_incident(attempt, noticed)
+        self.events.emit("resize", from_world_size=len(results),
+                         to_num_workers=self._config.scaling.num_workers)
+        return Recovering(attempt=attempt, regroup=True)
 
     def _collect_rest(self, results: dict[int, RankResult]) -> None:
-        """Give the root cause a moment to surface before deciding: a killed rank's peers
-        fail about a second later with echo errors, and vice versa."""
+        """What the group can still tell before triage: give the root cause a moment to
+        surface (a killed rank's peers fail about a second later with echo errors, and vice
+        versa), then probe the ranks that only a probe can show gone."""
         deadline = self._monotonic() + self._config.failure.failure_grace_s
-        while len(results) < len(self._progress.ranks) and self._monotonic() < deadline:
+        while len(results) < len(self._attempt.ranks) and self._monotonic() < deadline:
             for r in self._group.wait(max(deadline - self._monotonic(), 0.01)):
                 results[r.rank] = r
         self._absorb(self._group.poll(POLL_INTERVAL_S))
-
-    def _find_culprits(self, results: dict[int, RankResult]) -> None:
-        """When every failure so far is a peer's "connection closed" echo, the cause is a rank
-        that has not reported: one that no longer answers is gone (its process or its node;
-        Ray may not have noticed yet)."""
-        failed = [r for r in results.values() if not r.ok]
-        missing = self._progress.ranks - set(results)
-        if missing and failed and all(is_peer_echo(r) for r in failed):
-            for r in self._group.probe(missing, PROBE_TIMEOUT_S):
+        probe = suspects(results, self._attempt.ranks)
+        if probe:
+            for r in self._group.probe(probe, PROBE_TIMEOUT_S):
                 results[r.rank] = r
-
-    def _with_known_steps(self, results: dict[int, RankResult]) -> list[RankResult]:
-        """A dead rank cannot say where it was. The gang moves in lockstep, so the furthest
-        step any rank is known to have reached is where the dead one died."""
-        known = [r.step for r in results.values()] + list(self._last_step.values())
-        gang_step = max(known, default=0)
-        return [replace(r, step=gang_step) if r.step < 0 else r for r in results.values()]
 
     def _absorb(self, reports: list[WorkerReport]) -> None:
         now = self._monotonic()
         for report in reports:
-            self._progress.saw(report.rank, report.progress_seq, now, report.doing,
+            self._attempt.progress.saw(report.rank, report.progress_seq, now, report.doing,
                                report.slowest_s)
             self._last_step[report.rank] = max(self._last_step.get(report.rank, 0), report.step)
             for event in report.events:
@@ -488,12 +480,13 @@ class Driver:
                 if report.rank == 0:
                     _say_where_resumed(kind, event)
             if report.rank == 0 and report.step_durations:
-                self._attempt_span = (self._attempt_span or (now, now))[0], now
+                attempt = self._attempt
+                attempt.span = (attempt.span or (now, now))[0], now
                 self._add_to_span(report)
-                if self._awaiting_first_step:
-                    self._awaiting_first_step = False
+                if attempt.awaiting_first_step:
+                    attempt.awaiting_first_step = False
                     step, _, end_time = report.step_durations[0]
-                    self.events.emit("first_step", attempt=self.state.attempt, step=step,
+                    self.events.emit("first_step", attempt=attempt.number, step=step,
                                      step_end_time=round(end_time, 3))
                     # Only now: a spare or standby importing torch would slow the start.
                     self._group.warm_up_replacements()
@@ -518,13 +511,13 @@ class Driver:
         if span is None:
             return
         metrics = span.pop("metrics")
-        self.events.emit("progress", attempt=self.state.attempt, step=span["last"],
+        self.events.emit("progress", attempt=self._attempt.number, step=span["last"],
                          metrics=metrics, span={k: round(v, 4) if isinstance(v, float) else v
                                                 for k, v in span.items()})
 
-    def _on_incident(self, attempt: int, failures: list[Failure]) -> None:
+    def _on_incident(self, attempt: int, failures: list[Failure]) -> State:
         self._emit_progress()  # the steps before the failure come first in the log
-        first, last = self._attempt_span or (0.0, 0.0)
+        first, last = self._attempt.span or (0.0, 0.0)
         progress_s = last - first
         self.incidents.append(Incident(attempt=attempt, failures=tuple(failures),
                                        progress_s=progress_s))
@@ -537,16 +530,15 @@ class Driver:
                          delay_s=decision.delay_s, attempt=attempt,
                          progress_s=round(progress_s, 3))
         if decision.action is Action.STOP:
-            self._set_state(Failed(reason=self._stop_message(decision.reason),
-                                   config_error=decision.config_error))
-            return
+            return Failed(reason=self._stop_message(decision.reason),
+                          config_error=decision.config_error)
         lost = frozenset(f.rank for f in failures if f.kind in _LOST_KINDS)
-        self._set_state(Recovering(attempt=attempt, lost=lost, delay_s=decision.delay_s,
-                                   regroup=self._below_full_size()))
+        return Recovering(attempt=attempt, lost=lost, delay_s=decision.delay_s,
+                          regroup=self._below_full_size())
 
     def _below_full_size(self) -> bool:
         """An elastic gang is placed anew after a failure, to grow back if it can."""
-        return 0 < len(self._progress.ranks) < self._config.scaling.num_workers
+        return 0 < len(self._attempt.ranks) < self._config.scaling.num_workers
 
     def _stop_message(self, reason: str) -> str:
         lines = [f"job stopped: {reason}", "failures:"]
@@ -555,11 +547,10 @@ class Driver:
 
     # --- RECOVERING ------------------------------------------------------------------------
 
-    def _recover(self, state: Recovering) -> None:
+    def _recover(self, state: Recovering) -> State:
         if state.delay_s > 0:
             self._sleep(state.delay_s)
-        self._set_state(Starting(attempt=state.attempt + 1, lost=state.lost,
-                                 regroup=state.regroup))
+        return Starting(attempt=state.attempt + 1, lost=state.lost, regroup=state.regroup)
 
     # --- the end ---------------------------------------------------------------------------
 

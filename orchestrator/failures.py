@@ -1,9 +1,9 @@
-"""Failures as data: detection signals -> classified failures -> a policy decision.
+"""Failures as data: what failed (triage.py finds it) -> a policy decision.
 
 Where things happen:
   detected   -- worker_group.RayWorkerGroup.wait() turns run() results and Ray errors into
-                RankResult values; Driver._check_hangs() finds ranks without progress;
-  classified -- classify() here picks the root cause among the ranks' results;
+                RankResult values; hangs.ProgressWatch finds ranks without progress;
+  triaged    -- triage.triage() picks the root-cause failures among the ranks' results;
   decided    -- decide() here, a pure function of the incident history and the config;
   handled    -- driver.Driver carries the decision out (RECOVERING or FAILED).
 Nothing here imports Ray.
@@ -12,7 +12,6 @@ Nothing here imports Ray.
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 
 from orchestrator.config import FailureConfig
@@ -46,8 +45,8 @@ class FailureKind(str, enum.Enum):
         return self is not FailureKind.USER_ERROR
 
 
-# How the workers' StorageFailure errors are recognised in a RankResult (errors.py): by name,
-# since a worker's exception reaches the driver as data.
+# How the workers' StorageFailure errors (errors.py) are recognised in a triage.RankResult:
+# by name, since a worker's exception reaches the driver as data.
 STORAGE_ERROR_TYPES = ("StorageFailure", "SavesKeepFailing")
 FATAL_STORAGE_ERROR = "SavesKeepFailing"
 CONFIG_ERROR_TYPES = ("StorageNotShared", "ConfigError")
@@ -68,75 +67,6 @@ class Failure:
         return {"failure_kind": self.kind.value, "rank": self.rank, "step": self.step,
                 "message": self.message, "attempt": self.attempt, "node_id": self.node_id,
                 "error_type": self.error_type, "traceback": self.traceback}
-
-
-@dataclass(frozen=True)
-class RankResult:
-    """How one rank's attempt ended, as the worker group observed it."""
-
-    rank: int
-    step: int
-    ok: bool
-    died: bool = False
-    node_died: bool = False
-    hung: bool = False
-    error_type: str = ""
-    message: str = ""
-    traceback: str = ""
-    node_id: str = ""
-    stopped: str = ""
-    """Why the rank ended its attempt early and cleanly, after a checkpoint."""
-    got_notice: bool = False
-    """The rank itself received a preemption notice."""
-
-
-# Errors a rank gets because a *peer* went away: echoes of a root cause elsewhere, never the
-# workload's fault. (gloo, NCCL and torch.distributed wordings.)
-_PEER_LOST = re.compile(
-    r"Connection closed by peer|Connection reset by peer|Broken pipe|ECONNRESET|"
-    r"Connection refused|NCCL communicator was aborted|ProcessGroup.*(aborted|shut ?down)|"
-    r"Socket Timeout|Timed out waiting|Gloo connectFullMesh failed|"
-    r"process group has been destroyed|Application timeout caused pair closure",
-    re.IGNORECASE)
-
-
-def is_peer_echo(result: RankResult) -> bool:
-    return (not result.ok and not result.died
-            and result.error_type not in STORAGE_ERROR_TYPES  # S3's "connection reset" is ours
-            and result.error_type not in CONFIG_ERROR_TYPES
-            and bool(_PEER_LOST.search(result.message)))
-
-
-def classify(results: list[RankResult], attempt: int) -> list[Failure]:
-    """The root-cause failures among the ranks' results (empty if none failed).
-
-    Precedence: ranks that hung or whose node or process died; else the workload's own
-    errors; peers' "connection closed" errors are echoes and are reported only when nothing
-    else explains the incident.
-    """
-    def kind_of(r: RankResult) -> FailureKind:
-        if r.hung:
-            return FailureKind.HANG
-        if r.node_died:
-            return FailureKind.NODE_DIED
-        if r.died:
-            return FailureKind.WORKER_DIED
-        if is_peer_echo(r):
-            return FailureKind.COMMUNICATION
-        if r.error_type in STORAGE_ERROR_TYPES:
-            return FailureKind.STORAGE_ERROR
-        if r.error_type in CONFIG_ERROR_TYPES:
-            return FailureKind.CONFIG_ERROR
-        return FailureKind.USER_ERROR
-
-    failed = [r for r in results if not r.ok]
-    gone = [r for r in failed if r.died or r.hung]
-    own_errors = [r for r in failed if not (r.died or r.hung) and not is_peer_echo(r)]
-    roots = gone or own_errors or failed
-    return [Failure(kind=kind_of(r), rank=r.rank, step=r.step, message=r.message,
-                    attempt=attempt, node_id=r.node_id, error_type=r.error_type,
-                    traceback=r.traceback)
-            for r in sorted(roots, key=lambda r: r.rank)]
 
 
 @dataclass(frozen=True)

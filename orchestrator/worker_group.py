@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import (NodeAffinitySchedulingStrategy,
 from orchestrator.chaos.plan import Fault
 from orchestrator.config import JobConfig
 from orchestrator.errors import PlacementError
-from orchestrator.failures import RankResult
+from orchestrator.triage import Ending, RankResult
 from orchestrator.messages import AttemptSpec, Rendezvous, WorkerInfo, WorkerOutcome, WorkerReport
 from orchestrator.worker import TrainWorker
 
@@ -342,14 +342,16 @@ class RayWorkerGroup:
         try:
             outcome: WorkerOutcome = ray.get(ref)
         except RayError as e:  # the process is gone: killed, OOM, crashed, node lost
-            return RankResult(rank=rank, step=-1, ok=False, died=True,
-                              node_died=not _node_alive(node_id), error_type=type(e).__name__,
+            ending = Ending.DIED if _node_alive(node_id) else Ending.NODE_DIED
+            return RankResult(rank=rank, step=-1, ending=ending, error_type=type(e).__name__,
                               message=_death_message(e), node_id=node_id)
         if outcome.ok:
-            return RankResult(rank=rank, step=outcome.step, ok=True, node_id=node_id,
-                              stopped=outcome.stopped, got_notice=outcome.got_notice)
+            ending = (Ending.NOTICED if outcome.got_notice else
+                      Ending.STOPPED if outcome.stopped else Ending.FINISHED)
+            return RankResult(rank=rank, step=outcome.step, ending=ending, node_id=node_id,
+                              message=outcome.stopped)
         err = outcome.error
-        return RankResult(rank=rank, step=outcome.step, ok=False, error_type=err.type,
+        return RankResult(rank=rank, step=outcome.step, ending=Ending.RAISED, error_type=err.type,
                           message=f"{err.type}: {err.message}", traceback=err.traceback,
                           node_id=node_id)
 
@@ -379,7 +381,8 @@ class RayWorkerGroup:
             node_id = self._ranks[rank].info.node_id if self._ranks[rank].info else ""
             node_died = not _node_alive(node_id)
             results.append(RankResult(
-                rank=rank, step=-1, ok=False, died=True, node_died=node_died, node_id=node_id,
+                rank=rank, step=-1, ending=Ending.NODE_DIED if node_died else Ending.DIED,
+                node_id=node_id,
                 message=("its node left the cluster" if node_died else
                          f"the worker stopped answering (no reply in {timeout_s:.0f}s) "
                          f"while its peers lost their connection to it")))

@@ -17,7 +17,7 @@ from orchestrator.checkpoint.manifest import Manifest
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.driver import Driver, Failed, Recovering, Running, Starting, Succeeded
 from orchestrator.errors import PlacementError
-from orchestrator.failures import RankResult
+from orchestrator.triage import Ending, RankResult
 from orchestrator.messages import WorkerInfo, WorkerReport
 from orchestrator.worker_group import WorkerStartError
 from tests.helpers import make_config
@@ -62,7 +62,7 @@ class FakeGroup:
         return reports
 
     def probe(self, ranks, timeout_s):
-        return [RankResult(rank=r, step=-1, ok=False, died=True, node_died=True,
+        return [RankResult(rank=r, step=-1, ending=Ending.NODE_DIED,
                            message="its node left the cluster") for r in sorted(ranks)
                 if r not in self.answering_probe]
 
@@ -102,15 +102,16 @@ class FakeGroup:
 
 
 def ok(rank, step=20):
-    return RankResult(rank=rank, step=step, ok=True)
+    return RankResult(rank=rank, step=step, ending=Ending.FINISHED)
 
 
 def died(rank):
-    return RankResult(rank=rank, step=-1, ok=False, died=True, message="actor died")
+    return RankResult(rank=rank, step=-1, ending=Ending.DIED, message="actor died")
 
 
 def raised(rank, step=12):
-    return RankResult(rank=rank, step=step, ok=False, message="ValueError: bad", traceback="tb")
+    return RankResult(rank=rank, step=step, ending=Ending.RAISED, message="ValueError: bad",
+                      traceback="tb")
 
 
 @pytest.fixture
@@ -151,6 +152,53 @@ def test_happy_path_one_transition_at_a_time(layout):
     assert isinstance(driver.state, Running) and set(driver.state.results) == {0}
     driver.step()
     assert driver.state == Succeeded()
+
+
+# --- each state's handler returns the next state; step() is the one place that sets it -----
+
+
+def test_starting_returns_running_and_makes_a_new_attempt(layout):
+    group = FakeGroup([[[]]])
+    driver = Driver(config_for(layout), group, layout)
+    nxt = driver._start(Starting(attempt=0))
+    assert nxt == Running(attempt=0)
+    assert driver.state == Starting(attempt=0)  # the handler does not set it
+    assert driver._attempt.number == 0 and driver._attempt.ranks == {0, 1}
+    assert driver._attempt.awaiting_first_step and driver._attempt.stop_requested == set()
+
+
+def test_running_returns_itself_with_the_ranks_ended_so_far_then_the_outcome(layout):
+    group = FakeGroup([[[ok(0)], [died(1)]]])
+    driver = Driver(config_for(layout), group, layout)
+    driver.step()
+    nxt = driver._watch(driver.state)
+    assert nxt == Running(attempt=0, results={0: ok(0)}) and driver.state == Running(attempt=0)
+    nxt = driver._watch(nxt)
+    assert nxt == Recovering(attempt=0, lost=frozenset({1}))
+    assert isinstance(driver.state, Running)
+
+
+def test_recovering_waits_out_the_back_off_and_returns_the_next_attempt(layout):
+    sleeps = []
+    driver = Driver(config_for(layout), FakeGroup([]), layout, sleep=sleeps.append)
+    nxt = driver._recover(Recovering(attempt=2, lost=frozenset({1}), delay_s=1.5, regroup=True))
+    assert nxt == Starting(attempt=3, lost=frozenset({1}), regroup=True) and sleeps == [1.5]
+
+
+def test_a_new_attempt_forgets_the_last_ones_stop_requests_and_first_step(layout):
+    group = FakeGroup([[[], [died(1)]], [[]]])
+    group.draining = {0}
+    ticks = iter(range(10**6))
+    driver = Driver(config_for(layout), group, layout, monotonic=lambda: next(ticks) / 1000)
+    driver.step()
+    driver.step()  # the drain notice goes to rank 0
+    assert driver._attempt.stop_requested == {0}
+    driver.step()  # rank 1 died
+    driver.step()  # RECOVERING -> STARTING
+    group.draining = set()
+    driver.step()
+    assert driver._attempt.number == 1 and driver._attempt.stop_requested == set()
+    assert driver._attempt.awaiting_first_step
 
 
 def test_worker_death_recovers_from_the_latest_committed_checkpoint(layout):
@@ -329,7 +377,8 @@ def test_restarts_in_a_row_back_off(layout):
 
 
 def test_peer_echoes_lead_to_the_rank_that_no_longer_answers(layout):
-    echo = RankResult(rank=0, step=9, ok=False, message="RuntimeError: Connection closed by peer")
+    echo = RankResult(rank=0, step=9, ending=Ending.RAISED,
+                      message="RuntimeError: Connection closed by peer")
     group = FakeGroup([[[echo]], [[ok(0), ok(1)]]])  # rank 1 never reports: its node is gone
     driver = Driver(config_for(layout), group, layout)
     driver.step()
@@ -340,7 +389,8 @@ def test_peer_echoes_lead_to_the_rank_that_no_longer_answers(layout):
 
 
 def stopped(rank, step=13, notice=False, reason="preemption notice: SIGTERM"):
-    return RankResult(rank=rank, step=step, ok=True, stopped=reason, got_notice=notice)
+    return RankResult(rank=rank, step=step, ending=Ending.NOTICED if notice else Ending.STOPPED,
+                      message=reason)
 
 
 def test_a_preemption_notice_is_an_infrastructure_failure_replacing_the_noticed_rank(layout):

@@ -1,63 +1,15 @@
-"""The failure classification and policy are pure functions: no Ray, no processes."""
+"""The failure policy is a pure function: no Ray, no processes. (How failures are found
+among the ranks' results is tests/unit/test_triage.py.)"""
 
 from orchestrator.config import FailureConfig
-from orchestrator.failures import (Action, FailureKind, Incident, RankResult, backoff_s,
-                                   classify, decide, describe)
-
-
-def died(rank, step=7, node_died=False):
-    return RankResult(rank=rank, step=step, ok=False, died=True, node_died=node_died,
-                      message="actor died")
-
-
-def raised(rank, message="RuntimeError: boom", step=7, error_type="RuntimeError"):
-    return RankResult(rank=rank, step=step, ok=False, message=message, traceback="tb",
-                      error_type=error_type)
+from orchestrator.failures import Action, FailureKind, Incident, backoff_s, decide
+from orchestrator.triage import classify
+from tests.unit.test_triage import died, raised
 
 
 def incident(results, attempt=0, progress_s=0.0):
     return Incident(attempt=attempt, failures=tuple(classify(results, attempt)),
                     progress_s=progress_s)
-
-
-# --- classification ---------------------------------------------------------------------------
-
-def test_a_dead_rank_is_the_root_cause_and_peer_errors_are_echoes():
-    failures = classify([raised(0, "RuntimeError: Connection closed by peer"), died(1)], attempt=0)
-    assert [(f.kind, f.rank) for f in failures] == [(FailureKind.WORKER_DIED, 1)]
-
-
-def test_a_rank_on_a_dead_node_is_a_node_failure():
-    failures = classify([died(2, node_died=True)], attempt=0)
-    assert failures[0].kind is FailureKind.NODE_DIED and failures[0].kind.is_infrastructure
-
-
-def test_a_hung_rank_wins_over_its_peers_echo_errors():
-    hung = RankResult(rank=1, step=-1, ok=False, hung=True, message="no progress for 5s")
-    failures = classify([hung, raised(0, "RuntimeError: [gloo] Connection reset by peer")], 0)
-    assert [(f.kind, f.rank) for f in failures] == [(FailureKind.HANG, 1)]
-
-
-def test_a_workload_error_wins_over_peer_echoes_without_any_death():
-    failures = classify([raised(0, "RuntimeError: Connection closed by peer"),
-                         raised(1, "ValueError: bad shape")], attempt=0)
-    assert [(f.kind, f.rank) for f in failures] == [(FailureKind.USER_ERROR, 1)]
-
-
-def test_user_errors_are_reported_per_rank_with_their_traceback():
-    failures = classify([raised(1), RankResult(rank=0, step=7, ok=True)], attempt=2)
-    assert [(f.kind, f.rank, f.attempt, f.traceback) for f in failures] == [
-        (FailureKind.USER_ERROR, 1, 2, "tb")]
-
-
-def test_no_failure_when_every_rank_succeeded():
-    assert classify([RankResult(rank=0, step=9, ok=True)], attempt=0) == []
-
-
-def test_identical_errors_of_several_ranks_are_grouped():
-    failures = classify([raised(0), raised(1), raised(3, "ValueError: other")], attempt=0)
-    assert describe(failures) == (
-        "ranks 0,1: user_error: RuntimeError: boom; rank 3: user_error: ValueError: other")
 
 
 # --- budgets -----------------------------------------------------------------------------------
@@ -127,11 +79,6 @@ def test_backoff_grows_for_failures_in_a_row_and_resets_after_sustained_progress
     history.append(incident([died(0)], 7))
     assert backoff_s(history, config) == 1
     assert decide(history, config).delay_s == 1
-
-
-def test_echoes_alone_are_a_communication_failure_not_the_users_fault():
-    failures = classify([raised(0, "RuntimeError: [gloo] Connection reset by peer")], attempt=0)
-    assert failures[0].kind is FailureKind.COMMUNICATION and failures[0].kind.is_infrastructure
 
 
 # --- storage errors ------------------------------------------------------------------------------
