@@ -167,11 +167,12 @@ class CheckpointConfig:
     """Save every this many steps; 0 turns step-based saving off. The last step always saves."""
     interval_s: float = 0.0
     """Also save when this many seconds have passed since the last save; 0 turns it off."""
-    memory_interval_steps: int = 1
+    memory_interval_steps: int | str = "auto"
     """Keep the state of every this many steps in host memory, with a copy of each rank's on
     its neighbour in the ring (the memory tier, checkpoint/memory.py), so that a restart
     resumes from it instead of the latest storage checkpoint when the gang still holds it
-    whole; 0 turns it off."""
+    whole; 0 turns it off. `auto`: as often as the copies cost at most 5% of the training
+    time, measured by the ranks at the start of the run (checkpoint/memory_pace.py)."""
     async_mode: str = "off"
     """`off`: training waits while a save is written. `thread`: a background thread writes it.
     `process`: a background process per worker writes it (no GIL contention with training).
@@ -216,8 +217,10 @@ class CheckpointConfig:
         _require(self.interval_steps >= 0, "checkpoint.interval_steps", "it must be >= 0",
                  self.interval_steps)
         _seconds("checkpoint.interval_s", self.interval_s)
-        _require(self.memory_interval_steps >= 0, "checkpoint.memory_interval_steps",
-                 "it must be >= 0 (0 turns the memory tier off)", self.memory_interval_steps)
+        interval = self.memory_interval_steps
+        _require(interval == "auto" or (isinstance(interval, int) and not isinstance(interval, bool)
+                                        and interval >= 0), "checkpoint.memory_interval_steps",
+                 "give 'auto' or a number of steps >= 0 (0 turns the memory tier off)", interval)
         _require(self.async_mode in ASYNC_MODES, "checkpoint.async_mode",
                  f"use one of {', '.join(ASYNC_MODES)}", self.async_mode)
         for key in ("keep_last", "keep_best", "keep_every"):

@@ -2,7 +2,9 @@
 its buddy's, so that a failure costs at most a step or so instead of everything since the
 last storage checkpoint.
 
-After step s (every `checkpoint.memory_interval_steps`), each rank
+After step s (every `checkpoint.memory_interval_steps`; with `auto`, the default, an interval
+the ranks measure so that the copies cost at most 5% of the training time: memory_pace.py),
+each rank
   1. snapshots its state (snapshot.py: what may change before the next optimizer step now,
      parameters and optimizer state on the memory thread while the next step's forward and
      backward run), and
@@ -42,6 +44,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
+from orchestrator.checkpoint.memory_pace import COST_BUDGET, CopyPace
 from orchestrator.checkpoint.restore import with_rng
 from orchestrator.checkpoint.snapshot import Sharded, Snapshot, Snapshotter, StepGate, optimizers_in
 
@@ -318,6 +321,10 @@ class MemoryTier:
         self._ring: dist.ProcessGroup | None = None
         """The memory thread's gloo group (the buddy exchange)."""
         self._interval = 0
+        self._pace: CopyPace | None = None
+        """With `auto`: the probe of this attempt, until the interval is known."""
+        self._learned_interval = 0
+        """With `auto`: the interval the gang agreed on (kept across attempts; 0: not yet)."""
         self._emit: Emit = lambda *a, **k: None
         self._state: dict[str, Any] | None = None
         self.wait_s = 0.0
@@ -327,17 +334,24 @@ class MemoryTier:
 
     def begin_attempt(self, *, rank: int, world_size: int, parallelism: str,
                       group: dist.ProcessGroup, ring: dist.ProcessGroup | None,
-                      interval_steps: int, emit: Emit) -> None:
+                      interval_steps: int | str, emit: Emit) -> None:
         """A new attempt, on the gang's new group. Copies of another world size or
-        parallelism are dropped: their shards do not fit this gang."""
+        parallelism are dropped: their shards do not fit this gang (nor does its pace).
+        `interval_steps`: a number (0: off) or `auto`."""
         self._abandon_job()
         fingerprint = (world_size, parallelism)
         if self._fingerprint != fingerprint:
             self.clear()
+            self._learned_interval = 0
         self._fingerprint = fingerprint
         self._rank, self._world_size = rank, world_size
         self._group, self._ring = group, ring
-        self._interval = interval_steps if ring is not None else 0
+        auto = interval_steps == "auto"
+        # Probe unless learned; the restore's gather settles it for the whole gang.
+        self._pace = CopyPace() if auto else None
+        self._interval = (self._learned_interval or 1) if auto else int(interval_steps)
+        if ring is None:
+            self._interval = 0
         self._emit = emit
         self._state = None
         self._gate = StepGate(self._on_gate_wait)
@@ -372,8 +386,14 @@ class MemoryTier:
             return None
         group = self._group
         t0 = time.monotonic()
-        gathered: list[list[Held]] = [[] for _ in range(self._world_size)]
-        dist.all_gather_object(gathered, self.held(), group=group)
+        # One gather: what each process holds, and the interval it learned (`auto`).
+        told: list[Any] = [None] * self._world_size
+        dist.all_gather_object(told, (self.held(), self._learned_interval), group=group)
+        gathered: list[list[Held]] = [list(held) for held, _ in told]
+        if self._pace is not None and max(learned for _, learned in told) > 0:
+            # Survivors know the pace; a replacement learns it rather than probe again.
+            self._interval = self._learned_interval = max(learned for _, learned in told)
+            self._pace = None
         choice = choose_memory_step(self._world_size, gathered, newest_in_storage)
         if isinstance(choice, str):
             if self._rank == 0 and any(gathered):
@@ -442,8 +462,17 @@ class MemoryTier:
 
     def capture(self, step: int) -> None:
         """After `step` (training thread, every rank at the same steps): snapshot the state
-        and start the copy and the buddy exchange on the memory thread."""
-        if not self.due(step):
+        and start the copy and the buddy exchange on the memory thread, if it is due."""
+        if self._interval <= 0 or self._state is None:
+            return
+        if self._pace is not None:
+            take = self._pace.tick(time.monotonic())
+            if self._pace.measured:
+                self._settle_interval(step)
+                take = self.due(step)
+            if not take:
+                return
+        elif not self.due(step):
             return
         self._wait_for_job()
         with self._lock:
@@ -460,6 +489,27 @@ class MemoryTier:
         self._gate.arm(_GateOn(job.done))
         job.future = self._executor.submit(self._copy_and_exchange, job)
         self._job = job
+
+    def _settle_interval(self, step: int) -> None:
+        """Collective (the training thread's group), at the same step on every rank: the
+        gang takes the largest interval any rank proposes."""
+        pace, self._pace = self._pace, None
+        proposal = torch.tensor([pace.proposal()], dtype=torch.int64)
+        dist.all_reduce(proposal, op=dist.ReduceOp.MAX, group=self._group)
+        self._interval = self._learned_interval = int(proposal.item())
+        if self._rank == 0:
+            step_s, with_copy_s = pace.step_times()
+            log.info("memory tier: a copy every %d step(s) (a step takes %.1f ms, %.1f ms "
+                     "with a copy in flight; budget %d%%)", self._interval, step_s * 1e3,
+                     with_copy_s * 1e3, COST_BUDGET * 100)
+            self._emit("memory_interval", step=step, interval_steps=self._interval,
+                       step_ms=round(step_s * 1e3, 2),
+                       step_with_copy_ms=round(with_copy_s * 1e3, 2), budget=COST_BUDGET)
+
+    @property
+    def interval_steps(self) -> int:
+        """Steps between copies now (with `auto`, 1 while it probes); 0: off."""
+        return self._interval
 
     def _copy_and_exchange(self, job: _Job) -> None:
         try:

@@ -102,8 +102,11 @@ def test_a_submitted_job_survives_a_kill_and_its_logs_show_progress_and_recovery
                       "job", "list", "--address", address)
     assert refused.returncode != 0  # as the README says: without the token, refused
 
+    # A copy every step (not `auto`'s measured pace), so that the memory tier holds a step
+    # newer than storage's 10 when rank 1 dies at 12, whatever this machine's speed.
     job_id = submit(address, env, tmp_path / "runs", "submitted",
                     "workload.args={steps: 30, step_time_s: 0.05}",
+                    "checkpoint.memory_interval_steps=1",
                     "chaos.faults=[{kind: kill, rank: 1, at_step: 12}]")
     poll_until(lambda: status(address, env, job_id) in ("SUCCEEDED", "FAILED", "STOPPED"),
                300, "the job to end")

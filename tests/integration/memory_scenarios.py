@@ -7,6 +7,8 @@ state, another RNG state) and restores."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -68,3 +70,39 @@ def lose_and_restore(rank, world, groups, parallelism, lose, captured_steps, new
                        else reference[k] == after[k]))
     return {"restored": restored, "events": events, "keys": sorted(reference),
             "equal": equal, "held": [(h.rank, h.step, h.kind) for h in tier.held()]}
+
+
+def pace_and_learn(rank, world, groups, step_s, steps):
+    """`auto`: the gang probes, agrees on one interval, copies at it; a replacement (rank 1
+    as a new process) learns it at the next restore instead of probing again. Rank 1's steps
+    take `step_s` (the gang waits for it in DDP's all-reduce), and those with a copy in
+    flight twice that, as on a node with no CPU to spare: a copy costs a whole step."""
+    from orchestrator.checkpoint.memory_pace import PROBE_STEPS
+
+    ring = dist.new_group(backend="gloo")
+    events: list[dict] = []
+    emit = lambda kind, **fields: events.append({"kind": kind, **fields})  # noqa: E731
+    tier = MemoryTier()
+    trainer = Trainer(rank, world, "ddp")
+    state = {"train": trainer.state}
+    tier.begin_attempt(rank=rank, world_size=world, parallelism="ddp", group=groups[0],
+                       ring=ring, interval_steps="auto", emit=emit)
+    tier.restore(state, newest_in_storage=0)
+    probing = range(PROBE_STEPS + 2, 2 * PROBE_STEPS + 2)  # steps with a probe copy in flight
+    for step in range(1, steps + 1):
+        trainer.step(step)
+        if rank == 1:
+            time.sleep(2 * step_s if step in probing else step_s)
+        tier.capture(step)
+    tier.end_attempt(timeout_s=None)
+    held_steps = sorted({h.step for h in tier.held()})
+    interval = tier.interval_steps
+    if rank == 1:
+        tier = MemoryTier()
+    tier.begin_attempt(rank=rank, world_size=world, parallelism="ddp", group=groups[0],
+                       ring=ring, interval_steps="auto", emit=emit)
+    tier.restore(state, newest_in_storage=0)
+    learned = tier.interval_steps
+    tier.end_attempt(timeout_s=None)
+    return {"interval": interval, "learned": learned, "held_steps": held_steps,
+            "events": events}

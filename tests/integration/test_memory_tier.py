@@ -35,3 +35,25 @@ def test_neighbours_lost_together_or_a_newer_storage_step_restore_nothing(tmp_pa
     assert [r["restored"] for r in newer] == [None, None]
     (skipped,) = [e for e in newer[0]["events"] if e["kind"] == "memory_restore_skipped"]
     assert "newer step (6)" in skipped["reason"]
+
+
+def test_auto_paces_the_copies_to_the_dearest_rank_and_a_replacement_learns_the_pace(tmp_path):
+    from orchestrator.checkpoint.memory_pace import PROBE_STEPS
+
+    # Rank 1's steps take 50 ms (and a little more: the gang's own work), with a copy in
+    # flight 50 ms more: a copy costs about a step, and at 5% of a step that is a copy every
+    # 20 steps or so.
+    steps = 2 * PROBE_STEPS + 1 + 150
+    results = run_gang(sc.pace_and_learn, 4, 0.05, steps, out_dir=str(tmp_path))
+    intervals = {r["interval"] for r in results}
+    assert len(intervals) == 1, intervals  # one interval for the gang: the largest proposal
+    (interval,) = intervals
+    assert 12 <= interval <= 60, interval
+    # The replacement took the survivors' pace at the restore: nobody probes again.
+    assert [r["learned"] for r in results] == [interval] * 4
+    (event,) = [e for e in results[0]["events"] if e["kind"] == "memory_interval"]
+    assert event["interval_steps"] == interval and event["step"] == 2 * PROBE_STEPS + 1
+    # After the probe's copies (steps P+1..2P), a copy every `interval` steps only: the
+    # two generations held are the last two multiples of it.
+    multiples = [s for s in range(2 * PROBE_STEPS + 1, steps + 1) if s % interval == 0]
+    assert results[0]["held_steps"] == multiples[-2:]

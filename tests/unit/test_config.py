@@ -55,6 +55,9 @@ def test_set_overrides_nested_keys_with_yaml_values(tmp_path):
     (ISSUE_EXAMPLE, ["checkpoint.best_mode=lowest"], "checkpoint.best_mode"),
     (ISSUE_EXAMPLE, ["checkpoint.keep_last=-1"], "checkpoint.keep_last"),
     (ISSUE_EXAMPLE, ["checkpoint.interval_s=-5"], "checkpoint.interval_s"),
+    (ISSUE_EXAMPLE, ["checkpoint.memory_interval_steps=often"], "checkpoint.memory_interval_steps"),
+    (ISSUE_EXAMPLE, ["checkpoint.memory_interval_steps=-2"], "checkpoint.memory_interval_steps"),
+    (ISSUE_EXAMPLE, ["checkpoint.memory_interval_steps=1.5"], "checkpoint.memory_interval_steps"),
     (ISSUE_EXAMPLE, ["checkpoint.restore_parts=train.model"], "checkpoint.restore_parts"),
     (ISSUE_EXAMPLE, ["failure.max_restarts=-1"], "failure.max_restarts"),
     (ISSUE_EXAMPLE, ["chaos.faults=[{kind: kill, rank: 5, at_step: 3}]"], "chaos.faults.rank"),
@@ -110,3 +113,11 @@ def test_a_local_storage_naming_variables_is_expanded_by_each_process(tmp_path, 
     with pytest.raises(ConfigError, match=r"names \$SCRATCH, which is not set on .*set it on "
                                           "every node"):
         Storage("$SCRATCH/runs")
+
+
+def test_the_memory_tier_paces_itself_unless_given_a_number(tmp_path):
+    assert load_config(write(tmp_path, ISSUE_EXAMPLE), []).checkpoint.memory_interval_steps == "auto"
+    for given, expected in (("3", 3), ("0", 0), ("auto", "auto")):
+        config = load_config(write(tmp_path, ISSUE_EXAMPLE),
+                             [f"checkpoint.memory_interval_steps={given}"])
+        assert config.checkpoint.memory_interval_steps == expected

@@ -1,0 +1,135 @@
+"""What the memory tier costs a training step: the GPT workload's step loop with a memory copy
+after every step (`checkpoint.memory_interval_steps: 1`: the snapshot, the deferred copy and
+the buddy exchange, with the next optimizer step waiting for both), and after every 5th,
+against the same loop with the tier off, side by side in one gang.
+
+Two ranks, gloo, DDP, one torch thread per rank (as Ray's workers run: OMP_NUM_THREADS=1),
+on this machine's CPUs. Per model size one gang runs BLOCKS blocks of STEPS steps, cycling
+through the modes (after a warm-up block), and the ratios are of each mode's total time with
+its slowest block left out (a one-off hiccup of a shared 2-core machine; `auto` copies only
+every so many steps, so one block's time is not a fair sample of it).
+The tier's own waiting (optimizer steps blocked on the copy) is reported too.
+
+    python bench/memory_tier.py            # about 3 minutes here
+
+Writes bench/results/memory_tier.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = {
+    "main job's GPT (default args)": {},
+    "GPT 4x256": {"n_layer": 4, "n_embd": 256, "seq_len": 128, "vocab_size": 256},
+}
+STEPS = 30
+BLOCKS = 5  # per mode
+MODES = {"off": 0, "every step": 1, "every 5 steps": 5, "auto": "auto"}
+"""memory_interval_steps per mode. `auto` probes in its first block (a warm-up, not counted)
+and keeps the interval it chose in the later ones, as across a run's attempts."""
+
+
+def loop_rank(rank: int, world: int, groups, args: dict, steps: int, blocks: int) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # two ranks on two cores; more threads oversubscribe them
+
+    from orchestrator.checkpoint.memory import MemoryTier
+    from workloads.common import global_mean, parse_args
+    from workloads.data import token_batch
+    from workloads.gpt import GPTArgs, build
+
+    a = parse_args(GPTArgs, {"steps": steps * (len(MODES) * blocks + 2), "seed": 0, **args})
+    model, state = build(a, torch.device("cpu"))
+    ring = dist.new_group(backend="gloo")
+    checkpointed = {"train": state}
+
+    def run_block(tier: MemoryTier | None, first: int, interval: int | str) -> float:
+        if tier is not None:
+            tier.clear()  # the copies of an earlier block are no restart's business
+            tier.begin_attempt(rank=rank, world_size=world, parallelism="ddp",
+                               group=groups[0], ring=ring, interval_steps=interval,
+                               emit=lambda *_, **__: None)
+            tier.restore(checkpointed, newest_in_storage=first)  # registers the state
+        dist.barrier()
+        t0 = time.perf_counter()
+        for step in range(first, first + steps):
+            x, y = token_batch(a.seed, state.data_position, a.batch_size, rank, world,
+                               a.seq_len, a.vocab_size)
+            loss = model(x, y)
+            loss.backward()
+            state.optimizer.step()
+            state.optimizer.zero_grad(set_to_none=True)
+            state.scheduler.step()
+            global_mean(loss)
+            state.step, state.data_position = step, state.data_position + a.batch_size
+            if tier is not None:
+                tier.capture(step)
+        if tier is not None:
+            tier.end_attempt(timeout_s=None)
+        dist.barrier()
+        return time.perf_counter() - t0
+
+    tiers = {mode: MemoryTier() for mode in MODES}
+    run_block(None, 1, 0)  # warm-up
+    step = steps + 1
+    run_block(tiers["auto"], step, "auto")  # auto's probe
+    step += steps
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for _ in range(blocks):
+        for mode, interval in MODES.items():
+            times[mode].append(run_block(tiers[mode] if interval else None, step, interval))
+            step += steps
+    params = sum(p.numel() for p in model.parameters())
+    return {"times": times, "wait_s": {m: t.wait_s for m, t in tiers.items()},
+            "params": params, "auto_interval": tiers["auto"].interval_steps}
+
+
+def main() -> None:
+    from orchestrator.local_gang import run_gang
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=ROOT).stdout.strip()
+    rows = []
+    for name, args in SIZES.items():
+        with tempfile.TemporaryDirectory() as out:
+            r0 = run_gang(loop_rank, 2, args, STEPS, BLOCKS, out_dir=out)[0]
+        median = {m: statistics.median(t) for m, t in r0["times"].items()}
+        kept = {m: sum(sorted(t)[:-1]) for m, t in r0["times"].items()}  # slowest left out
+        off = kept["off"]
+        rows.append({"model": name, "args": args, "params": r0["params"],
+                     "state_mb": round(r0["params"] * 3 * 4 / 2**20, 1),
+                     "steps_per_block": STEPS, "blocks": BLOCKS, "intervals": MODES,
+                     "times_s": r0["times"],
+                     "median_s": {m: round(t, 3) for m, t in median.items()},
+                     "step_ms_off": round(off / (STEPS * (BLOCKS - 1)) * 1000, 1),
+                     "ratio": {m: round(t / off, 3) for m, t in kept.items() if m != "off"},
+                     "auto_interval_steps": r0["auto_interval"],
+                     "tier_wait_s": {m: round(w, 3) for m, w in r0["wait_s"].items()}})
+        print(f"{name}: " + ", ".join(f"{m} {t:.2f}s" for m, t in median.items())
+              + f" per {STEPS} steps", flush=True)
+    result = {"commit": commit, "machine": "2 cores, no GPU", "ranks": 2, "rows": rows}
+    out = ROOT / "bench" / "results" / "memory_tier.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print("\n| model | params | model+AdamW state | step, tier off | every step | every 5 steps "
+          "| auto (interval it chose) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['params']:,} | {r['state_mb']} MB | {r['step_ms_off']} ms "
+              f"| {r['ratio']['every step']}x | {r['ratio']['every 5 steps']}x "
+              f"| {r['ratio']['auto']}x ({r['auto_interval_steps']}) |")
+
+
+if __name__ == "__main__":
+    main()
