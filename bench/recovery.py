@@ -112,12 +112,13 @@ class OurRun:
     def _run(self) -> None:
         self.result = self.driver.run()
 
-    def events(self, kind: str) -> list[dict]:
+    def events(self, kind: str | None) -> list[dict]:
+        """The run's events of `kind` (None: all), in order."""
         from orchestrator.events import read_events
 
         if not self.layout.storage.exists(*self.layout.events):
             return []
-        return [e for e in read_events(self.layout) if e["kind"] == kind]
+        return [e for e in read_events(self.layout) if kind is None or e["kind"] == kind]
 
     def reached(self, step: int) -> bool:
         return any(e["step"] >= step for e in self.events("checkpoint_committed"))
@@ -136,23 +137,46 @@ def plan_kills(rank: int, steps: list[int]):
     return plan
 
 
-def ours_kill(root: Path, workers: int, spares: int, standbys: int) -> list[dict]:
+def ours_kill(root: Path, workers: int, spares: int, standbys: int,
+              memory: int | str = "auto") -> list[dict]:
     from orchestrator.chaos.requests import read_marker
 
     steps = [8 + KILL_SPACING * i for i in range(TRIALS)]
-    config = our_config(root, f"kill-{workers}-{spares}-{standbys}", workers, steps[-1] + 5,
-                        spares, standbys,
+    config = our_config(root, f"kill-{workers}-{spares}-{standbys}-{memory}", workers,
+                        steps[-1] + 5, spares, standbys,
+                        checkpoint={"interval_steps": INTERVAL,
+                                    "memory_interval_steps": memory},
                         chaos=plan_kills(workers - 1, steps).config())
     run = OurRun(config)
     run.join()
     firsts = {e["attempt"]: e for e in run.events("first_step")}
-    restarts = run.events("restart")
+    resumed = resumed_steps(run.events(None))
     samples = []
     for i, step in enumerate(steps):
         fired = read_marker(run.layout, f"kill-rank{workers - 1}-step{step}")["fired_at"]
-        samples.append({"event_step": step, "resumed_from": restarts[i]["from_step"],
+        samples.append({"event_step": step, "resumed_from": resumed[i],
                         "recovery_s": firsts[i + 1]["step_end_time"] - fired})
     return samples
+
+
+def resumed_steps(events: list[dict]) -> list[int]:
+    """The step each restart resumed from: rank 0's first restore after it, from memory
+    (`memory_restored`) or storage (`checkpoint_restored`, absent for step 0). The restart
+    event's `from_step` is only the storage step it would fall back to."""
+    out: list[int] = []
+    waiting = False
+    for e in events:
+        if e["kind"] == "restart":
+            if waiting:
+                out.append(0)  # nothing restored: it started over
+            waiting = True
+        elif waiting and e["kind"] in ("memory_restored", "checkpoint_restored") \
+                and e.get("rank", 0) == 0:
+            out.append(int(e["step"]))
+            waiting = False
+    if waiting:
+        out.append(0)
+    return out
 
 
 def ours_external(root: Path, scenario: str, cluster, trial: int) -> dict:
@@ -281,6 +305,7 @@ def summarize(samples: list[dict]) -> dict:
         "recovery_s_all": [None if s["recovery_s"] is None else round(s["recovery_s"], 3)
                            for s in samples],
         "steps_lost_median": statistics.median(lost) if lost else None,
+        "steps_lost_max": max(lost) if lost else None,
         "notes": sorted({s["note"] for s in samples if "note" in s}),
         "samples": samples,
     }
@@ -331,12 +356,13 @@ def main() -> None:
         tmp = Path(tmp)
         if "kill" in args.scenarios:
             for workers in args.workers:
-                for label, spares, standbys in (("new_process", 0, 0), ("standby", 0, 1),
-                                                ("spare", 1, 0)):
+                for label, spares, standbys, memory in (
+                        ("new_process", 0, 0, "auto"), ("standby", 0, 1, "auto"),
+                        ("standby_memory_every_step", 0, 1, 1), ("spare", 1, 0, "auto")):
                     t0 = time.time()
                     record(f"kill/{workers}/ours_{label}",
                            ours_kill(tmp / f"ours-kill-{workers}-{label}", workers, spares,
-                                     standbys), t0)
+                                     standbys, memory), t0)
                 t0 = time.time()
                 record(f"kill/{workers}/ray_train",
                        ray_train_kill(tmp / f"rt-kill-{workers}", workers), t0)
