@@ -11,11 +11,12 @@ previous recovery to have warmed up (in real life failures are minutes apart). R
 step after it (ours: the `first_step` event; Ray Train: its timeline's first step of the
 restart). Steps lost = the step reached at the kill - the step the restart resumed from.
 
-Configurations of ours: the default (one standby process that holds no resources, no spare),
-no standby (`scaling.standby_workers=0`, a new process per lost rank) and one spare
+Configurations of ours: the default (one standby process that holds no resources, no spare,
+the memory tier at its `auto` pace), the memory tier at every step and off, no standby
+(`scaling.standby_workers=0`, a new process per lost rank) and one spare
 (`scaling.spare_workers=1`, holding a worker's resources).
 
-    python bench/user_recovery.py            # about 10 minutes here
+    python bench/user_recovery.py            # about 15 minutes here
 
 Writes bench/results/user_recovery.json and prints a markdown table.
 """
@@ -80,13 +81,14 @@ class Ours:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
 
-    def _events(self, kind: str) -> list[dict]:
+    def _events(self, kind: str | None) -> list[dict]:
+        """The run's events of `kind` (None: all), in order."""
         from orchestrator.events import read_events
 
         if not self.layout.storage.exists(*self.layout.events):
             return []
         try:
-            return [e for e in read_events(self.layout) if e["kind"] == kind]
+            return [e for e in read_events(self.layout) if kind is None or e["kind"] == kind]
         except Exception:  # noqa: BLE001 -- a line being appended; read again
             return []
 
@@ -99,7 +101,16 @@ class Ours:
         return firsts[0]["step_end_time"] if firsts else None
 
     def resumed_from(self, attempt: int) -> int:
-        return [e for e in self._events("restart") if e["attempt"] == attempt][0]["from_step"]
+        """Rank 0's restore after the restart of `attempt`: from memory or from storage (the
+        restart's own `from_step` is only the storage step it would fall back to)."""
+        after = False
+        for e in self._events(None):
+            if e["kind"] == "restart":
+                after = e["attempt"] == attempt
+            elif after and e["kind"] in ("memory_restored", "checkpoint_restored") \
+                    and e.get("rank", 0) == 0:
+                return int(e["step"])
+        return 0  # nothing restored: it started over
 
     def reached(self, attempt: int, killed_at: float) -> int:
         """Where the gang was when rank 1 died, as the driver recorded it (the progress
@@ -164,7 +175,9 @@ def summarize(samples: list[dict]) -> dict:
 
 
 CONFIGS = {
-    "ours (default: 1 standby, no spare)": [],
+    "ours (default: 1 standby, no spare, memory tier auto)": [],
+    "ours, memory tier every step": ["checkpoint.memory_interval_steps=1"],
+    "ours, memory tier off": ["checkpoint.memory_interval_steps=0"],
     "ours, no standby, no spare": ["scaling.standby_workers=0"],
     "ours, 1 spare": ["scaling.spare_workers=1", "scaling.resources_per_worker={CPU: 0.5}"],
 }
