@@ -14,6 +14,7 @@ from typing import Any
 from orchestrator.chaos.plan import Fault
 from orchestrator.chaos.requests import fired_markers, read_marker, read_request
 from orchestrator.checkpoint.layout import RunLayout
+from orchestrator.checkpoint.storage import is_temporary
 
 Event = tuple[str, dict[str, Any]]
 
@@ -53,6 +54,8 @@ class ChaosSchedule:
                 fields = {**fault.to_event(), **record}
             events.append(("fault_fired", fields))
         for entry in self._layout.storage.list_dir(*self._layout.chaos_requests):
+            if is_temporary(entry.name):
+                continue  # a request being written: its own name comes next
             if entry.name in self._requests_seen:
                 continue
             self._requests_seen.add(entry.name)

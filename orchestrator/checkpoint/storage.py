@@ -331,11 +331,20 @@ def _mtime(info: dict[str, Any]) -> float | None:
     return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
+TEMP_PREFIX = ".tmp-"
+"""How the temporary files of `write_atomic` on local disk begin: a listing of a folder being
+written may show one, complete, before its rename (never a file of its own)."""
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(TEMP_PREFIX)
+
+
 def _durable_temp(target: str, data: bytes) -> tuple[str, str]:
     """`data` in a new temporary file beside `target`, fsynced: (folder, temporary path)."""
     folder = os.path.dirname(target)
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(target)}")
+    tmp = os.path.join(folder, f"{TEMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(target)}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

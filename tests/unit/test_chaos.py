@@ -168,3 +168,20 @@ def test_save_faults_fire_only_at_a_save_and_step_faults_at_or_after_their_step(
     with pytest.raises(OSError):
         INJECTED.check("write")
     assert [f.kind for f in injector._faults] == ["kill_during_save"]  # waits for a save
+
+
+def test_a_marker_still_being_written_is_not_a_second_firing(tmp_path):
+    # On local disk a marker is written as a temporary file, then renamed: a listing between
+    # the two sees the temporary file, complete. It once made a fault fire "twice".
+    layout = RunLayout(Storage(str(tmp_path)), "run")
+    (fault,) = FaultPlan().delay_reads(rank=0, delay_s=0.3, count=2, step=16).faults(2)
+    schedule = ChaosSchedule([fault], layout, started_at=0.0)
+    body = json.dumps({"fault_id": fault.id, "rank": 0, "step": 16, "attempt": 3}).encode()
+    folder = tmp_path / "run" / "chaos"
+    folder.mkdir(parents=True)
+    temporary = folder / f"{storage_module.TEMP_PREFIX}0123-{fault.id}"
+    temporary.write_bytes(body)
+    assert schedule.refresh() == [] and fired_markers(layout) == []
+    temporary.rename(folder / fault.id)
+    assert [(k, e["fault_id"]) for k, e in schedule.refresh()] == [("fault_fired", fault.id)]
+    assert schedule.refresh() == [] and schedule.for_attempt(0.0) == []
