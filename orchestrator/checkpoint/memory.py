@@ -390,9 +390,10 @@ class MemoryTier:
         told: list[Any] = [None] * self._world_size
         dist.all_gather_object(told, (self.held(), self._learned_interval), group=group)
         gathered: list[list[Held]] = [list(held) for held, _ in told]
-        if self._pace is not None and max(learned for _, learned in told) > 0:
+        known = max(learned for _, learned in told)
+        if self._pace is not None and known > 0:
             # Survivors know the pace; a replacement learns it rather than probe again.
-            self._interval = self._learned_interval = max(learned for _, learned in told)
+            self._interval = self._learned_interval = known
             self._pace = None
         choice = choose_memory_step(self._world_size, gathered, newest_in_storage)
         if isinstance(choice, str):
