@@ -64,7 +64,7 @@ def build(rank: int, world: int, layers: int, width: int):
 
 
 def bench_rank(rank: int, world: int, groups, mode: str, root: str, layers: int, width: int,
-               batch: int, steps: int, every: int) -> dict:
+               batch: int, steps: int, every: int, trials: int) -> dict:
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -128,7 +128,7 @@ def bench_rank(rank: int, world: int, groups, mode: str, root: str, layers: int,
               "events": events}
     if mode == "off":
         result["throughput"] = throughput_trials(rank, groups, manager, state, layout, root,
-                                                 steps - steps % every)
+                                                 steps - steps % every, trials)
         # Restore the last checkpoint into a fresh model (verify + load), timed.
         model2, optimizer2, state2 = build(rank, world, layers, width)
         manager2 = new_manager("off")
@@ -142,10 +142,8 @@ def bench_rank(rank: int, world: int, groups, mode: str, root: str, layers: int,
     return result
 
 
-THROUGHPUT_TRIALS = 7
-
-
-def throughput_trials(rank, groups, manager, state, layout, root, last_step) -> list[dict]:
+def throughput_trials(rank, groups, manager, state, layout, root, last_step,
+                      n_trials: int) -> list[dict]:
     """dd, our sync save and a plain DCP save, interleaved, each after `sync` so that none
     inherits the others' dirty pages (this disk writes ~2 GB/s in bursts, far less when
     writeback of earlier data competes)."""
@@ -199,7 +197,7 @@ def throughput_trials(rank, groups, manager, state, layout, root, last_step) -> 
     # The disk of this machine is noisy (the same dd takes 0.3 to 1.1 s): many trials, the
     # order rotated from one to the next, and per-trial ratios.
     order = [dd, ours, dd_parallel, ours_without_checksum, plain]
-    for i in range(THROUGHPUT_TRIALS):
+    for i in range(n_trials):
         trial: dict = {"bytes": total}
         for measure in order[i % len(order):] + order[:i % len(order)]:
             quiet()
@@ -268,7 +266,8 @@ def run(args) -> dict:
             root.mkdir()
             print(f"[{mode}] ...", flush=True)
             ranks = run_gang(bench_rank, 2, mode, str(root), args.layers, args.width,
-                             args.batch, args.steps, args.every, out_dir=str(root),
+                             args.batch, args.steps, args.every, args.trials,
+                             out_dir=str(root),
                              timeout_s=1800)
             results["modes"][mode] = summarize(mode, ranks, root, args.every)
             if mode == "off":
@@ -374,6 +373,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=13)
     parser.add_argument("--every", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=7,
+                        help="throughput trials (each: dd, our save with and without its "
+                             "checksum, two dd at once, plain DCP)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--dir", default=str(ROOT / "bench" / "results"),
                         help="where checkpoints are written (the filesystem measured)")
@@ -384,6 +386,8 @@ def main() -> None:
     if args.table_only:
         print(table(json.loads(Path(args.out).read_text())))
         return
+    if args.trials < 1:
+        parser.error("--trials must be at least 1")
     if "off" not in args.modes:
         parser.error("--modes must include off (the reference)")
     os.makedirs(args.dir, exist_ok=True)

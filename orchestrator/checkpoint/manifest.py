@@ -27,10 +27,12 @@ from typing import Any, BinaryIO, Callable
 import xxhash
 
 FORMAT_VERSION = 3
-# Measured on 256 MiB here: xxh3-64 18 GB/s, crc32c 11, zlib CRC-32 4.2, blake3 4.6, SHA-256
-# 1.8. The hash catches accidental corruption, not tampering, so the fastest wins: it keeps
-# checksumming a small fraction of a save (docs/benchmarks.md). CRC-32 stays readable for
-# format-1 checkpoints.
+# The hash catches accidental corruption, not tampering, so a fast one wins: it keeps
+# checksumming a small fraction of a save. bench/hashes.py on 256 MiB here: crc32c 16.9 GB/s,
+# xxh3-64 15.3, zlib CRC-32 4.0, blake3 3.2, SHA-256 1.7 (docs/benchmarks.md). crc32c is that
+# fast only where the CPU has a CRC instruction its library uses, and needs one more
+# dependency; xxh3 is within 10% of it and fast on every CPU (SIMD). CRC-32 stays readable
+# for format-1 checkpoints.
 HASH_ALGORITHM = "xxh3_64"
 _CHUNK = 8 << 20
 
