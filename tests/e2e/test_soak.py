@@ -42,8 +42,8 @@ pytestmark = pytest.mark.e2e
 PLAN = FaultPlan().random(10, seed=30640, max_faults=15, kinds=list(FAULT_KINDS), start_s=3)
 STEP_TIME_S = 0.05
 # The job must outlast its last fault however fast it recovers: its steps alone take longer
-# than the plan. (Sized from the recovery time once, 600 steps stopped being enough when
-# recovery from memory got fast: the job ended at 44.7 s, before the driver kill at 44.9 s.)
+# than the plan. (A fixed 600 steps relied on slow recovery: once restarts came from memory,
+# the job ended at 44.7 s, before the driver kill planned at 44.9 s.)
 LAST_FAULT_S = max(f.spec.at_s for f in PLAN.faults(2))
 STEPS = 5 * round((LAST_FAULT_S + 5) / STEP_TIME_S / 5)
 ARGS = {"steps": STEPS, "step_time_s": STEP_TIME_S}
