@@ -5,11 +5,13 @@ last storage checkpoint.
 After step s (every `checkpoint.memory_interval_steps`; with `auto`, the default, an interval
 the ranks measure so that the copies cost at most 5% of the training time: memory_pace.py),
 each rank
-  1. snapshots its state (snapshot.py: what may change before the next optimizer step now,
-     parameters and optimizer state on the memory thread while the next step's forward and
-     backward run), and
-  2. on the memory thread, sends that copy to rank (r-1) mod N and receives rank (r+1) mod N's,
-     over a gloo group of its own (the buddy ring).
+  1. copies its state into an arena laid out for it (memory_arena.py: what may change before
+     the next optimizer step now, parameters and optimizer state on the memory thread while
+     the next step's forward and backward run -- or at once, where they are too small for
+     the handoff to pay: `copy_inline`), and
+  2. makes the copy rank (r-1) mod N's too: on one node that rank maps the arena (shared
+     pages: nothing is sent); otherwise, on the memory thread, it sends the copy to rank
+     (r-1) and receives rank (r+1)'s over a gloo group of its own (the buddy ring).
 The next `optimizer.step()` waits for both (a StepGate): by the time step s+1 changes a
 weight, the state of step s is in two processes. Two generations are kept, so that the
 newest step every rank completed is still held while the next one is taken.
@@ -46,7 +48,10 @@ from torch.distributed.tensor import DTensor
 
 from orchestrator.checkpoint.memory_pace import COST_BUDGET, CopyPace
 from orchestrator.checkpoint.restore import with_rng
-from orchestrator.checkpoint.snapshot import Sharded, Snapshot, Snapshotter, StepGate, optimizers_in
+from orchestrator.checkpoint.memory_arena import (Arena, Layout, copy_all, flatten, frozen_values,
+                                                 read_copy, rebuild, views)
+from orchestrator.checkpoint.snapshot import (Sharded, StepGate, optimizers_in, plain_state,
+                                             stable_storages)
 
 Emit = Callable[..., None]
 log = logging.getLogger(__name__)
@@ -114,14 +119,36 @@ class _Leaf:
     dtype: str
 
 
-@dataclass
+INLINE_COPY_BYTES = 8 << 20
+"""Below this many bytes of parameters and optimizer state, a copy is taken at once on the
+training thread instead of behind the step gate on the memory thread: handing 1.3 MB (the
+main job's GPT) to the thread and back cost its step 0.8 ms more than copying it inline
+(0.1 ms at ~13 GB/s here); 8 MB copies in about what the handoff costs."""
+
+
+def copy_inline(deferred_bytes: int, over_gloo: bool) -> bool:
+    """Whether a copy is cheaper taken at once than overlapped with the next step. A copy
+    that is also sent over gloo always goes to the memory thread: the exchange waits on a
+    peer, which the training thread must not."""
+    return not over_gloo and deferred_bytes < INLINE_COPY_BYTES
+
+
 class Copy:
-    rank: int
-    step: int
-    state: dict[str, Any]
-    """As Snapshotter builds it: CPU tensors, `Sharded` for DTensor shards, plain values."""
-    generation: int
-    kind: str
+    """Rank `rank`'s state after `step`, as one process holds it. `state` (as Snapshotter
+    builds it: CPU tensors, `Sharded` for DTensor shards, plain values) is rebuilt from the
+    arena only when a restore needs it: a copy itself is just bytes in slots."""
+
+    def __init__(self, rank: int, step: int, generation: int, kind: str, *,
+                 state: dict[str, Any] | None = None,
+                 source: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.rank, self.step, self.generation, self.kind = rank, step, generation, kind
+        self._state, self._source = state, source
+
+    @property
+    def state(self) -> dict[str, Any]:
+        if self._state is None:
+            self._state = self._source()
+        return self._state
 
 
 def split(state: Any) -> tuple[Any, list[torch.Tensor]]:
@@ -285,10 +312,13 @@ def exchange(group: dist.ProcessGroup, send_to: int | None, sending: Copy | None
 
 
 class _Generation:
-    """Buffers for one held step: this rank's snapshot, and the buddy copy received."""
+    """Buffers for one held step: this rank's arena (per attempt: memory_arena.py), and the
+    buddy copy received over gloo, where the buddy is on another node."""
 
     def __init__(self) -> None:
-        self.snapshotter = Snapshotter(shared_memory=False, keep_dtensors=False)
+        self.arena: Arena | None = None
+        self.slots: list[torch.Tensor] = []
+        """The arena's tensors, one per tensor of the layout."""
         self.buddy_buffers: dict[str, torch.Tensor] = {}
 
 
@@ -296,19 +326,50 @@ class _Generation:
 class _Job:
     step: int
     generation: int
-    snap: Snapshot
+    deferred: tuple[list[torch.Tensor], list[torch.Tensor]]
+    """(arena slots, live tensors) still to copy: the parameters and optimizer state."""
+    own: Copy
+    arena: Arena
+    publish: bool
+    """Whether the buddy may take this step from the arena (its values are there too)."""
     ring: dist.ProcessGroup | None
     done: threading.Event
     future: concurrent.futures.Future | None = None
+
+
+@dataclass
+class _Links:
+    """How this attempt's copies reach the buddies: through shared pages (same node), over
+    gloo, or (after a layout change broke the shared pages) not at all until the next
+    attempt."""
+
+    layout: Layout
+    out_shared: bool
+    """Rank r-1 maps this rank's arenas: publishing a copy there is all it takes."""
+    send: bool
+    """Rank r-1 receives this rank's copies over gloo."""
+    receive: bool
+    """This rank receives rank r+1's copies over gloo (else it maps them, or is alone)."""
+    buddy_rank: int
 
 
 class MemoryTier:
     """The copies one worker holds. Lives on the TrainWorker (it outlives attempts); each
     attempt calls `begin_attempt`, then `restore` once, then `capture` after steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, share_memory: bool = True) -> None:
+        """`share_memory=False`: buddies on one node exchange copies over gloo as if they
+        were on two (to test that path on one machine)."""
+        self._share = share_memory
         self._lock = threading.Lock()
         self._held: list[Copy] = []
+        """Own copies, and buddy copies received over gloo."""
+        self._links: _Links | None = None
+        """This attempt's layout and links, from its first copy on (None before)."""
+        self._buddy_arenas: list[Arena] = []
+        self._buddy_rank = -1
+        """The arenas of rank `_buddy_rank` mapped here: its copies, held here for nothing."""
+        self._relaid_out = False
         self._generations = [_Generation(), _Generation()]
         self._fingerprint: tuple[int, str] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memory")
@@ -329,6 +390,8 @@ class MemoryTier:
         self._state: dict[str, Any] | None = None
         self.wait_s = 0.0
         """Time the training thread waited for the memory tier's copies, in total."""
+        self.setup_s = 0.0
+        """How long the last attempt's set-up took (layout, arenas, mapping the buddy's)."""
 
     # --- per attempt -----------------------------------------------------------------------
 
@@ -355,6 +418,12 @@ class MemoryTier:
         self._emit = emit
         self._state = None
         self._gate = StepGate(self._on_gate_wait)
+        self._links = None  # set up again at the first copy: the gang has changed
+        self._relaid_out = False
+
+    def wait_for_copy(self) -> None:
+        """Until the copy in flight (if any) is complete."""
+        self._wait_for_job()
 
     def end_attempt(self, timeout_s: float | None) -> None:
         """The attempt is over: wait (at most `timeout_s`) for the copy in flight."""
@@ -370,10 +439,27 @@ class MemoryTier:
     def clear(self) -> None:
         with self._lock:
             self._held = []
+            self._buddy_arenas = []
 
     def held(self) -> list[Held]:
         with self._lock:
-            return [Held(c.rank, c.step, c.kind) for c in self._held]
+            found = [Held(c.rank, c.step, c.kind) for c in self._held]
+            arenas = list(self._buddy_arenas)
+        for arena in arenas:
+            step = arena.published_step()
+            if step is not None:
+                found.append(Held(self._buddy_rank, step, BUDDY))
+        return found
+
+    def _copies_at(self, step: int) -> dict[int, Copy]:
+        with self._lock:
+            by_rank = {c.rank: c for c in self._held if c.step == step}
+            arenas = list(self._buddy_arenas)
+        for arena in arenas:
+            if arena.published_step() == step and self._buddy_rank not in by_rank:
+                by_rank[self._buddy_rank] = Copy(self._buddy_rank, step, -1, BUDDY,
+                                                 state=read_copy(arena))
+        return by_rank
 
     # --- restore ---------------------------------------------------------------------------
 
@@ -426,6 +512,8 @@ class MemoryTier:
                 state[k] = loaded[k]
         with self._lock:
             self._held = [c for c in self._held if c.step <= choice.step]
+            self._buddy_arenas = [a for a in self._buddy_arenas
+                                  if (a.published_step() or 0) <= choice.step]
         if self._rank == 0:
             sources = [{"rank": r, "holder": h, "kind": OWN if h == r else BUDDY}
                        for r, h in enumerate(choice.holders)]
@@ -441,8 +529,7 @@ class MemoryTier:
         """Every rank ends with its own state of `choice.step`: holders send the copies of
         ranks that lost theirs (one transfer at a time, in rank order; every rank walks the
         same list)."""
-        with self._lock:
-            by_rank = {c.rank: c for c in self._held if c.step == choice.step}
+        by_rank = self._copies_at(choice.step)
         mine = by_rank.get(self._rank) if choice.holders[self._rank] == self._rank else None
         for rank, holder in enumerate(choice.holders):
             if holder == rank:
@@ -451,8 +538,7 @@ class MemoryTier:
                 exchange(group, rank, by_rank[rank], None, {})
             elif self._rank == rank:
                 state = exchange(group, None, None, holder, {})
-                mine = Copy(rank=state["rank"], step=state["step"], state=state["state"],
-                            generation=-1, kind=BUDDY)
+                mine = Copy(state["rank"], state["step"], -1, BUDDY, state=state["state"])
         assert mine is not None and mine.rank == self._rank and mine.step == choice.step
         return mine
 
@@ -476,20 +562,108 @@ class MemoryTier:
         elif not self.due(step):
             return
         self._wait_for_job()
+        spec, tensors, values = flatten(with_rng(self._rank, self._state))
+        if self._links is None:
+            self._set_up(plain_state(with_rng(self._rank, self._state)), values)
+        elif not self._links.layout.fits(spec, tensors):
+            self._lay_out_again(step, plain_state(with_rng(self._rank, self._state)), values)
+        links = self._links
         with self._lock:
             # Into the generation that does not hold the newest complete step, whose copies
             # (about to be overwritten) are let go first.
             newest = max(self._held, key=lambda c: c.step, default=None)
-            gen = 1 - newest.generation if newest is not None else 0
+            gen = 1 - newest.generation if newest is not None and newest.generation >= 0 else 0
             self._held = [c for c in self._held if c.generation != gen]
-        state = with_rng(self._rank, self._state)
-        snap = self._generations[gen].snapshotter.take(state)
-        job = _Job(step=step, generation=gen, snap=snap, ring=self._ring,
+        generation = self._generations[gen]
+        arena, slots = generation.arena, generation.slots
+        arena.begin()  # the buddy's view of this generation is void from here
+        layout = links.layout
+        # What the next forward and backward may change (RNG, buffers): now. The parameters
+        # and optimizer state: on the memory thread, behind the step gate.
+        copy_all([slots[i] for i in layout.immediate], [tensors[i] for i in layout.immediate])
+        values = frozen_values(values)
+        publish = not links.out_shared or arena.write_values(values)
+        if not publish:
+            # Too large for the room the first copy left: this step is not the buddy's (the
+            # arena stays WRITING, so the buddy takes none of it).
+            log.warning("memory copy of step %d: its plain values outgrew the arena", step)
+        own = Copy(self._rank, step, gen, OWN,
+                   source=lambda: rebuild(layout.skeleton, slots, values))
+        job = _Job(step=step, generation=gen,
+                   deferred=([slots[i] for i in layout.deferred],
+                             [tensors[i] for i in layout.deferred]),
+                   own=own, arena=arena, publish=publish, ring=self._ring,
                    done=threading.Event())
+        self._job = job
+        if copy_inline(layout.deferred_bytes, over_gloo=links.send or links.receive):
+            self._copy_and_exchange(job)
+            return
         self._gate.hook(optimizers_in(self._state))
         self._gate.arm(_GateOn(job.done))
         job.future = self._executor.submit(self._copy_and_exchange, job)
-        self._job = job
+
+    def _set_up(self, plain: dict[str, Any], values: list[Any]) -> None:
+        """Collective (the training thread's group), at the first copy of an attempt, the
+        same step on every rank: lay out the state, make this attempt's arenas, and map the
+        buddy's where it is on this node (memory_arena.py)."""
+        t0 = time.monotonic()
+        layout = Layout(plain, stable_storages(with_rng(self._rank, self._state)))
+        n, r = self._world_size, self._rank
+        share = self._share and n > 1
+        arenas = self._new_arenas(layout, values, share)
+        described: list[Any] = [None] * n
+        dist.all_gather_object(described, [a.describe() for a in arenas], group=self._group)
+        buddy = (r + 1) % n
+        mapped = [Arena.open(d) for d in described[buddy]] if share else []
+        in_shared = share and len(mapped) == 2 and all(m is not None for m in mapped)
+        shared: list[Any] = [None] * n
+        dist.all_gather_object(shared, in_shared, group=self._group)
+        for a in arenas:
+            a.unlink()  # mapped by whoever will: the pages now live as long as the mappings
+        with self._lock:
+            # The buddy copies of the last attempt go: this attempt's buddy is mapped now.
+            self._buddy_arenas = list(mapped) if in_shared else []
+            self._buddy_rank = buddy
+        out_shared = n > 1 and bool(shared[(r - 1) % n])
+        self._links = _Links(layout, out_shared=out_shared, send=n > 1 and not out_shared,
+                             receive=n > 1 and not in_shared, buddy_rank=buddy)
+        self.setup_s = time.monotonic() - t0
+        if r == 0 and n > 1:
+            through_shm = sum(bool(x) for x in shared)
+            log.info("memory tier: %d of %d buddies hold their copies through shared memory, "
+                     "%d over gloo (set up in %.1f ms)", through_shm, n, n - through_shm,
+                     self.setup_s * 1e3)
+            self._emit("memory_links", shared=through_shm, gloo=n - through_shm,
+                       setup_ms=round(self.setup_s * 1e3, 1))
+
+    def _new_arenas(self, layout: Layout, values: list[Any], share: bool) -> list[Arena]:
+        skeleton = pickle.dumps(layout.skeleton, protocol=pickle.HIGHEST_PROTOCOL)
+        values_bytes = len(pickle.dumps(frozen_values(values), protocol=pickle.HIGHEST_PROTOCOL))
+        arenas = [Arena.create(skeleton, values_bytes, layout.tensor_bytes, shared=share)
+                  for _ in self._generations]
+        for generation, arena in zip(self._generations, arenas):
+            generation.arena, generation.slots = arena, views(layout.slots, arena.tensor_data)
+        return arenas
+
+    def _lay_out_again(self, step: int, plain: dict[str, Any], values: list[Any]) -> None:
+        """The state's structure or its stable tensors changed within an attempt (rare: a
+        new optimizer state entry, a tensor replaced). A new layout, in private arenas: the
+        buddy can only map new ones at the next attempt's set-up, and keeps the copies it
+        has mapped (true copies of an older step). Copies sent over gloo go on as before."""
+        links = self._links
+        layout = Layout(plain, stable_storages(with_rng(self._rank, self._state)))
+        # Copies held keep their old arena alive through their views of it.
+        self._new_arenas(layout, values, share=False)
+        # A buddy that maps this rank's old arenas expects nothing over gloo: it keeps the
+        # last step published there, and gets no newer one from this rank until the next
+        # attempt (a restore then falls back to that step, or to storage).
+        self._links = _Links(layout, out_shared=False, send=links.send,
+                             receive=links.receive, buddy_rank=links.buddy_rank)
+        if not self._relaid_out and self._rank == 0:
+            log.warning("memory tier: the state's structure changed at step %d; its copies go "
+                        "on in a new layout", step)
+        self._relaid_out = True
+        self._emit("memory_layout_changed", step=step, rank=self._rank)
 
     def _settle_interval(self, step: int) -> None:
         """Collective (the training thread's group), at the same step on every rank: the
@@ -513,18 +687,28 @@ class MemoryTier:
         return self._interval
 
     def _copy_and_exchange(self, job: _Job) -> None:
+        """The memory thread (or the training thread, for a small copy: `copy_inline`): the
+        deferred copy into the arena, published (a buddy that maps
+        the arena holds the step from here), then the gloo exchange with any buddy that
+        does not."""
         try:
-            job.snap.copy_deferred()
-            own = Copy(self._rank, job.step, job.snap.state, job.generation, OWN)
+            copy_all(*job.deferred)
+            job.deferred = ([], [])
+            if job.publish:
+                job.arena.publish(job.step)
             with self._lock:
-                self._held.append(own)
-            n = self._world_size
-            if n > 1:
-                got = exchange(job.ring, (self._rank - 1) % n, own, (self._rank + 1) % n,
+                self._held.append(job.own)
+            n, links = self._world_size, self._links
+            send, receive = links.send, links.receive
+            if send or receive:
+                got = exchange(job.ring, (self._rank - 1) % n if send else None,
+                               job.own if send else None,
+                               (self._rank + 1) % n if receive else None,
                                self._generations[job.generation].buddy_buffers)
-                with self._lock:
-                    self._held.append(Copy(got["rank"], got["step"], got["state"],
-                                           job.generation, BUDDY))
+                if got is not None:
+                    with self._lock:
+                        self._held.append(Copy(got["rank"], got["step"], job.generation,
+                                               BUDDY, state=got["state"]))
         except BaseException as e:  # noqa: BLE001 -- a peer gone: the attempt fails anyway
             log.info("memory copy of step %d not completed: %s", job.step, e)
         finally:

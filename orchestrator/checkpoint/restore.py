@@ -69,7 +69,8 @@ class RankRng(Stateful):
             kind, key, pos, has_gauss, cached = np.random.get_state()
             assert kind == "MT19937", kind
             state.update({
-                "python": torch.tensor([version, *internal], dtype=torch.int64),
+                # Through numpy: torch.tensor of a 625-int list takes 50 us, this 10.
+                "python": torch.from_numpy(np.array((version, *internal), dtype=np.int64)),
                 "python_gauss": torch.tensor([gauss is not None, gauss or 0.0],
                                              dtype=torch.float64),
                 "numpy": torch.from_numpy(np.append(key.astype(np.int64), [pos, has_gauss])),

@@ -35,8 +35,10 @@ _LEAVES = (torch.Tensor, int, float, str, bytes, type(None), list, tuple)
 
 def plain_state(state: Any) -> Any:
     """The nested dict DCP would save: Stateful objects replaced by their state_dict()."""
+    if type(state) is dict:  # the common case first: a Protocol isinstance costs ~20 us
+        return {k: plain_state(v) for k, v in state.items()}
     if isinstance(state, _LEAVES):
-        return state  # before the Stateful check: a Protocol isinstance costs ~20 us a leaf
+        return state
     if isinstance(state, Stateful):
         state = state.state_dict()
     if isinstance(state, dict):

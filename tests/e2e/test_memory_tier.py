@@ -63,6 +63,9 @@ def test_one_killed_rank_resumes_from_memory_with_its_state_from_its_buddy(
     assert restart["from_step"] == 0  # no storage checkpoint before step 50
     (restored,) = events_of(layout, "memory_restored")
     assert restored["step"] in (KILL_AT - 1, KILL_AT)
+    # One node: rank 0 maps rank 1's arenas, so the copy outlived rank 1's process in pages
+    # rank 0 had mapped (no bytes were sent between them).
+    assert [(e["shared"], e["gloo"]) for e in events_of(layout, "memory_links")][0] == (4, 0)
     # Rank 1 is a new process: its state came from rank 0, which holds rank 1's copy.
     assert sources_of(restored) == {0: (0, "own"), 1: (0, "buddy"), 2: (2, "own"),
                                     3: (3, "own")}

@@ -9,9 +9,17 @@ from orchestrator.local_gang import run_gang
 from tests.integration import memory_scenarios as sc
 
 
-@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
-def test_new_processes_get_their_state_of_the_last_step_from_their_buddies(tmp_path, parallelism):
-    results = run_gang(sc.lose_and_restore, 4, parallelism, {0, 2}, 5, 3, out_dir=str(tmp_path))
+@pytest.mark.parametrize("parallelism,share_memory,overlap",
+                         [("ddp", True, False), ("fsdp", True, True), ("ddp", False, False)],
+                         ids=["ddp-shared-pages-inline", "fsdp-shared-pages-overlapped",
+                              "ddp-over-gloo"])
+def test_new_processes_get_their_state_of_the_last_step_from_their_buddies(
+        tmp_path, parallelism, share_memory, overlap):
+    results = run_gang(sc.lose_and_restore, 4, parallelism, {0, 2}, 5, 3, share_memory, None,
+                       overlap, out_dir=str(tmp_path))
+    # One machine: every buddy maps its neighbour's arenas, unless told to act as on two.
+    (links,) = [e for e in results[0]["events"] if e["kind"] == "memory_links"]
+    assert (links["shared"], links["gloo"]) == ((4, 0) if share_memory else (0, 4))
     for rank, r in enumerate(results):
         assert r["restored"] == 5, r
         # Model, optimizer, step, data position and RNG: all of it as it was after step 5.
@@ -35,6 +43,29 @@ def test_neighbours_lost_together_or_a_newer_storage_step_restore_nothing(tmp_pa
     assert [r["restored"] for r in newer] == [None, None]
     (skipped,) = [e for e in newer[0]["events"] if e["kind"] == "memory_restore_skipped"]
     assert "newer step (6)" in skipped["reason"]
+
+
+@pytest.mark.parametrize("share_memory", [True, False], ids=["shared-pages", "over-gloo"])
+def test_a_state_that_changes_shape_mid_attempt_is_copied_in_its_new_layout(tmp_path,
+                                                                            share_memory):
+    # One of rank 1's optimizer state tensors is replaced at step 4 (new storage, as a
+    # load_state_dict does), after the copies of steps 1-3. Rank 0 lost: its copies at
+    # rank 1 are untouched, and rank 1 restores from its own copies in the new layout.
+    kept = run_gang(sc.lose_and_restore, 2, "ddp", {0}, 5, 0, share_memory, 4,
+                    out_dir=str(tmp_path))
+    for r in kept:
+        assert r["restored"] == 5 and r["equal"] == r["keys"], r
+    assert [e["step"] for e in kept[1]["events"] if e["kind"] == "memory_layout_changed"] == [4]
+    # Rank 1 lost: over gloo its buddy received the new layout's copies; through shared
+    # pages its buddy still maps the old arenas, which hold step 3 at most while rank 0's
+    # own copies are of steps 4 and 5: no step is held for both, so storage comes next.
+    lost = run_gang(sc.lose_and_restore, 2, "ddp", {1}, 5, 0, share_memory, 4,
+                    out_dir=str(tmp_path))
+    if share_memory:
+        assert [r["restored"] for r in lost] == [None, None]
+    else:
+        for r in lost:
+            assert r["restored"] == 5 and r["equal"] == r["keys"], r
 
 
 def test_auto_paces_the_copies_to_the_dearest_rank_and_a_replacement_learns_the_pace(tmp_path):

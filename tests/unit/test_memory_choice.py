@@ -1,7 +1,8 @@
 """Which step the memory tier restores, and from whom: a pure function of what each process
 of the new gang holds."""
 
-from orchestrator.checkpoint.memory import BUDDY, OWN, Held, MemoryChoice, choose_memory_step
+from orchestrator.checkpoint.memory import (BUDDY, INLINE_COPY_BYTES, OWN, Held, MemoryChoice,
+                                            choose_memory_step, copy_inline)
 
 
 def ring(world: int, steps: list[int], lost: set[int]) -> list[list[Held]]:
@@ -40,3 +41,9 @@ def test_a_newer_storage_checkpoint_or_an_empty_gang_wins():
 def test_copies_of_ranks_outside_the_gang_are_ignored():
     held = [[Held(0, 5, OWN), Held(5, 9, OWN)], [Held(1, 5, OWN)]]
     assert choose_memory_step(2, held, 0) == MemoryChoice(5, (0, 1))
+
+
+def test_small_copies_are_taken_inline_and_large_or_sent_ones_overlap_the_next_step():
+    assert copy_inline(1_300_000, over_gloo=False)  # the main job's GPT
+    assert not copy_inline(INLINE_COPY_BYTES, over_gloo=False)  # GPT 4x256 is 38 MB
+    assert not copy_inline(1_300_000, over_gloo=True)  # the exchange waits on a peer
