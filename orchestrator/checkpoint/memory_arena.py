@@ -13,10 +13,12 @@ buddy. The bytes themselves take 0.13 ms to copy. This module removes the rest:
 * On Linux the arena is a file in /dev/shm that the buddy maps too. Its pages then belong to
   both processes: when the owner dies they stay in the buddy's mapping, which is what the
   buddy copy was for, and no byte is sent. The file is unlinked as soon as the buddy has
-  mapped it, so nothing outlives the two processes (not even a kill -9 of both). A header
-  at the start says which step the arena holds, written after the bytes: the buddy trusts
-  only a `PUBLISHED` arena. A buddy on another node cannot map it and gets its copies over
-  gloo as before (memory.py's `exchange`).
+  mapped it, so nothing outlives the two processes (not even a kill -9 of both; a kill in
+  the milliseconds between creating and unlinking a file leaves it, and the next process
+  to make an arena on the node removes it: `sweep_stale_files`). A header at the start
+  says which step the arena holds, written after the bytes: the buddy trusts only a
+  `PUBLISHED` arena. A buddy on another node cannot map it and gets its copies over gloo as
+  before (memory.py's `exchange`).
 
 Arenas are shared between processes of one job only, and the buddy checks a random token
 from the owner before it trusts a mapping (the trust of Ray's own pickles, as memory.py).
@@ -26,10 +28,12 @@ from __future__ import annotations
 
 import copy
 import errno
+import logging
 import os
 import pickle
 import secrets
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +43,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from orchestrator.checkpoint.snapshot import Sharded
+
+log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 _MAGIC = 0x6F72636D656D3031  # "orcmem01"
@@ -321,12 +327,67 @@ def shm_room(nbytes: int) -> bool:
     return nbytes <= st.f_bavail * st.f_frsize // 2
 
 
+PREFIX = "orchestrator-memory-"
+STALE_AFTER_S = 60.0
+"""An arena file is unlinked within milliseconds of its creation (once the buddy has mapped
+it); one older than this whose creator is gone was left by a kill in that window."""
+_swept = False
+
+
+def sweep_stale_files(now: float | None = None) -> list[str]:
+    """Remove the arena files of processes that died between creating and unlinking them
+    (their pid is in the name): the only way one is left behind. Only files old enough that
+    no set-up can still be using them, and only this user's. Returns what it removed."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(PREFIX):
+            continue
+        path = os.path.join(SHM_DIR, name)
+        try:
+            pid = int(name[len(PREFIX):].split("-", 1)[0])
+            st = os.stat(path)
+        except (ValueError, OSError):
+            continue
+        if st.st_uid != os.getuid() or now - st.st_mtime < STALE_AFTER_S or _alive(pid):
+            continue
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+    if removed:
+        log.warning("removed %d memory-tier file(s) in %s left by killed processes",
+                    len(removed), SHM_DIR)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _create_shm_file(size: int) -> str | None:
     """A new file of `size` bytes in /dev/shm, its pages reserved now (a full tmpfs fails
     here, not with a SIGBUS at the first write), or None where that cannot be had."""
-    if not os.path.isdir(SHM_DIR) or not shm_room(size):
+    global _swept
+    if not os.path.isdir(SHM_DIR):
         return None
-    fd, path = tempfile.mkstemp(prefix=f"orchestrator-memory-{os.getpid()}-", dir=SHM_DIR)
+    if not _swept:  # once per process: what a kill in the set-up window left
+        _swept = True
+        sweep_stale_files()
+    if not shm_room(size):
+        return None
+    fd, path = tempfile.mkstemp(prefix=f"{PREFIX}{os.getpid()}-", dir=SHM_DIR)
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as e:

@@ -7,6 +7,7 @@ state, another RNG state) and restores."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -79,7 +80,8 @@ def lose_and_restore(rank, world, groups, parallelism, lose, captured_steps, new
                    and (torch.equal(reference[k], after[k]) if isinstance(reference[k], torch.Tensor)
                         else reference[k] == after[k]))
     return {"restored": restored, "events": events, "keys": sorted(reference),
-            "equal": equal, "held": [(h.rank, h.step, h.kind) for h in tier.held()]}
+            "equal": equal, "held": [(h.rank, h.step, h.kind) for h in tier.held()],
+            "pid": os.getpid()}
 
 
 def pace_and_learn(rank, world, groups, step_s, steps):

@@ -3,8 +3,11 @@ restore in which some ranks come back as new processes (no Ray: the restore itse
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from orchestrator.checkpoint.memory_arena import PREFIX
 from orchestrator.local_gang import run_gang
 from tests.integration import memory_scenarios as sc
 
@@ -20,6 +23,10 @@ def test_new_processes_get_their_state_of_the_last_step_from_their_buddies(
     # One machine: every buddy maps its neighbour's arenas, unless told to act as on two.
     (links,) = [e for e in results[0]["events"] if e["kind"] == "memory_links"]
     assert (links["shared"], links["gloo"]) == ((4, 0) if share_memory else (0, 4))
+    # Each arena file was unlinked once mapped: none of these processes left one behind.
+    pids = {str(r["pid"]) for r in results}
+    assert not [n for n in os.listdir("/dev/shm")
+                if n.startswith(PREFIX) and n[len(PREFIX):].split("-")[0] in pids]
     for rank, r in enumerate(results):
         assert r["restored"] == 5, r
         # Model, optimizer, step, data position and RNG: all of it as it was after step 5.

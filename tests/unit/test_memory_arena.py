@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 import signal
 import stat
+import time
 
 import pytest
 import torch
@@ -129,3 +130,29 @@ def test_the_buddy_keeps_a_published_copy_after_its_owner_is_killed():
     assert owner.exitcode == -signal.SIGKILL
     assert not os.path.exists(described["path"])  # nothing left behind in /dev/shm
     assert mapped.published_step() == 9 and _equal(ma.read_copy(mapped), _state(3.0))
+
+
+def test_files_left_by_a_kill_during_set_up_are_swept_and_no_others(monkeypatch, tmp_path):
+    monkeypatch.setattr(ma, "SHM_DIR", str(tmp_path))
+    dead = subprocess_pid_that_exited()
+    left = tmp_path / f"{ma.PREFIX}{dead}-abc"
+    fresh = tmp_path / f"{ma.PREFIX}{dead}-new"  # a set-up may still be mapping it
+    mine = tmp_path / f"{ma.PREFIX}{os.getpid()}-xyz"  # a live process's
+    other = tmp_path / "someone-else"
+    for p in (left, fresh, mine, other):
+        p.write_bytes(b"x")
+    old = time.time() - 2 * ma.STALE_AFTER_S
+    for p in (left, mine, other):
+        os.utime(p, (old, old))
+    assert ma.sweep_stale_files() == [str(left)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (fresh, mine, other))
+
+
+def subprocess_pid_that_exited() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
