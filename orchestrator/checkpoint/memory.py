@@ -49,7 +49,7 @@ from torch.distributed.tensor import DTensor
 from orchestrator.checkpoint.memory_pace import COST_BUDGET, CopyPace
 from orchestrator.checkpoint.restore import with_rng
 from orchestrator.checkpoint.memory_arena import (Arena, Layout, copy_all, flatten, frozen_values,
-                                                 read_copy, rebuild, views)
+                                                 markers_in, read_copy, rebuild, views)
 from orchestrator.checkpoint.snapshot import (Sharded, StepGate, optimizers_in, plain_state,
                                              stable_storages)
 
@@ -134,9 +134,9 @@ def copy_inline(deferred_bytes: int, over_gloo: bool) -> bool:
 
 
 class Copy:
-    """Rank `rank`'s state after `step`, as one process holds it. `state` (as Snapshotter
-    builds it: CPU tensors, `Sharded` for DTensor shards, plain values) is rebuilt from the
-    arena only when a restore needs it: a copy itself is just bytes in slots."""
+    """Rank `rank`'s state after `step`, as one process holds it. `state` (CPU tensors,
+    `Sharded` for DTensor shards, plain values) is rebuilt from the arena only when a
+    restore needs it (`source`): a copy itself is just bytes in slots."""
 
     def __init__(self, rank: int, step: int, generation: int, kind: str, *,
                  state: dict[str, Any] | None = None,
@@ -186,22 +186,7 @@ def join(skeleton: Any, tensors: list[torch.Tensor]) -> Any:
 
 
 def leaves(skeleton: Any) -> list[_Leaf]:
-    found: list[_Leaf] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-        elif isinstance(node, Sharded):
-            walk(node.local)
-        elif isinstance(node, _Leaf):
-            found.append(node)
-
-    walk(skeleton)
-    return sorted(found, key=lambda leaf: leaf.index)
+    return markers_in(skeleton, _Leaf)
 
 
 class Mismatch(ValueError):
@@ -350,7 +335,6 @@ class _Links:
     """Rank r-1 receives this rank's copies over gloo."""
     receive: bool
     """This rank receives rank r+1's copies over gloo (else it maps them, or is alone)."""
-    buddy_rank: int
 
 
 class MemoryTier:
@@ -562,17 +546,18 @@ class MemoryTier:
         elif not self.due(step):
             return
         self._wait_for_job()
-        spec, tensors, values = flatten(with_rng(self._rank, self._state))
+        state = with_rng(self._rank, self._state)
+        spec, tensors, values = flatten(state)
         if self._links is None:
-            self._set_up(plain_state(with_rng(self._rank, self._state)), values)
+            self._set_up(state, values)
         elif not self._links.layout.fits(spec, tensors):
-            self._lay_out_again(step, plain_state(with_rng(self._rank, self._state)), values)
+            self._lay_out_again(step, state, values)
         links = self._links
         with self._lock:
             # Into the generation that does not hold the newest complete step, whose copies
             # (about to be overwritten) are let go first.
             newest = max(self._held, key=lambda c: c.step, default=None)
-            gen = 1 - newest.generation if newest is not None and newest.generation >= 0 else 0
+            gen = 1 - newest.generation if newest is not None else 0
             self._held = [c for c in self._held if c.generation != gen]
         generation = self._generations[gen]
         arena, slots = generation.arena, generation.slots
@@ -602,12 +587,12 @@ class MemoryTier:
         self._gate.arm(_GateOn(job.done))
         job.future = self._executor.submit(self._copy_and_exchange, job)
 
-    def _set_up(self, plain: dict[str, Any], values: list[Any]) -> None:
+    def _set_up(self, state: dict[str, Any], values: list[Any]) -> None:
         """Collective (the training thread's group), at the first copy of an attempt, the
         same step on every rank: lay out the state, make this attempt's arenas, and map the
         buddy's where it is on this node (memory_arena.py)."""
         t0 = time.monotonic()
-        layout = Layout(plain, stable_storages(with_rng(self._rank, self._state)))
+        layout = Layout(plain_state(state), stable_storages(state))
         n, r = self._world_size, self._rank
         share = self._share and n > 1
         arenas = self._new_arenas(layout, values, share)
@@ -626,7 +611,7 @@ class MemoryTier:
             self._buddy_rank = buddy
         out_shared = n > 1 and bool(shared[(r - 1) % n])
         self._links = _Links(layout, out_shared=out_shared, send=n > 1 and not out_shared,
-                             receive=n > 1 and not in_shared, buddy_rank=buddy)
+                             receive=n > 1 and not in_shared)
         self.setup_s = time.monotonic() - t0
         if r == 0 and n > 1:
             through_shm = sum(bool(x) for x in shared)
@@ -645,20 +630,19 @@ class MemoryTier:
             generation.arena, generation.slots = arena, views(layout.slots, arena.tensor_data)
         return arenas
 
-    def _lay_out_again(self, step: int, plain: dict[str, Any], values: list[Any]) -> None:
+    def _lay_out_again(self, step: int, state: dict[str, Any], values: list[Any]) -> None:
         """The state's structure or its stable tensors changed within an attempt (rare: a
         new optimizer state entry, a tensor replaced). A new layout, in private arenas: the
         buddy can only map new ones at the next attempt's set-up, and keeps the copies it
         has mapped (true copies of an older step). Copies sent over gloo go on as before."""
         links = self._links
-        layout = Layout(plain, stable_storages(with_rng(self._rank, self._state)))
+        layout = Layout(plain_state(state), stable_storages(state))
         # Copies held keep their old arena alive through their views of it.
         self._new_arenas(layout, values, share=False)
         # A buddy that maps this rank's old arenas expects nothing over gloo: it keeps the
         # last step published there, and gets no newer one from this rank until the next
         # attempt (a restore then falls back to that step, or to storage).
-        self._links = _Links(layout, out_shared=False, send=links.send,
-                             receive=links.receive, buddy_rank=links.buddy_rank)
+        self._links = _Links(layout, out_shared=False, send=links.send, receive=links.receive)
         if not self._relaid_out and self._rank == 0:
             log.warning("memory tier: the state's structure changed at step %d; its copies go "
                         "on in a new layout", step)
@@ -688,9 +672,8 @@ class MemoryTier:
 
     def _copy_and_exchange(self, job: _Job) -> None:
         """The memory thread (or the training thread, for a small copy: `copy_inline`): the
-        deferred copy into the arena, published (a buddy that maps
-        the arena holds the step from here), then the gloo exchange with any buddy that
-        does not."""
+        deferred copy into the arena, published (a buddy that maps the arena holds the step
+        from here), then the gloo exchange with any buddy that does not."""
         try:
             copy_all(*job.deferred)
             job.deferred = ([], [])

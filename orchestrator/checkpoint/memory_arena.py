@@ -400,29 +400,31 @@ def _create_shm_file(size: int) -> str | None:
     return path
 
 
-def slots_in(skeleton: Any) -> list[Slot]:
-    found: list[Slot] = []
+def markers_in(skeleton: Any, marker: type) -> list[Any]:
+    """The `marker` objects (each with an `index`) in a skeleton, DTensor shards' included,
+    in index order."""
+    found: list[Any] = []
 
     def walk(n: Any) -> None:
-        if type(n) is dict:
+        if isinstance(n, dict):
             for v in n.values():
                 walk(v)
-        elif type(n) is list:
+        elif isinstance(n, list):
             for v in n:
                 walk(v)
         elif isinstance(n, Sharded):
             walk(n.local)
-        elif isinstance(n, Slot):
+        elif isinstance(n, marker):
             found.append(n)
 
     walk(skeleton)
-    return sorted(found, key=lambda s: s.index)
+    return sorted(found, key=lambda m: m.index)
 
 
 def read_copy(arena: Arena) -> Any:
     """The nested state a (buddy's) published arena holds, its tensors views of the arena."""
     skeleton, values = arena.read()
-    return rebuild(skeleton, views(slots_in(skeleton), arena.tensor_data), values)
+    return rebuild(skeleton, views(markers_in(skeleton, Slot), arena.tensor_data), values)
 
 
 def copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
