@@ -7,7 +7,9 @@ three 4-CPU worker nodes; GCS health check 0.5 s x 2 for both systems), same GPT
   kill    the last rank SIGKILLs itself 5 times per run (steps 8, 48, 88, ...: 3 steps after
           a checkpoint, far enough apart for a spare to warm up again); 2 and 4 workers;
           ours with a new process per lost rank (no spare, no standby), with the default
-          standby (an idle warm process holding no resources) and with one spare.
+          standby (an idle warm process holding no resources) and with one spare, each
+          with the memory tier `auto`; the standby and the spare also with the memory
+          tier copying every step.
   hang    rank 1 is SIGSTOPped after step 10; ours with the default failure.hang_timeout_s
           (auto: 5 x the slowest step, at least 10 s), Ray Train with its worker health-check
           timeout set to the same 10 s (RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S; its default
@@ -358,7 +360,8 @@ def main() -> None:
             for workers in args.workers:
                 for label, spares, standbys, memory in (
                         ("new_process", 0, 0, "auto"), ("standby", 0, 1, "auto"),
-                        ("standby_memory_every_step", 0, 1, 1), ("spare", 1, 0, "auto")):
+                        ("standby_memory_every_step", 0, 1, 1), ("spare", 1, 0, "auto"),
+                        ("spare_memory_every_step", 1, 0, 1)):
                     t0 = time.time()
                     record(f"kill/{workers}/ours_{label}",
                            ours_kill(tmp / f"ours-kill-{workers}-{label}", workers, spares,

@@ -28,6 +28,35 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def mlp_reference(ray_cluster, tmp_path_factory):
+    """`mlp_reference(args, num_workers=2)`: the layout of an uninterrupted run of
+    workloads.mlp with these workload args, made once per session and shared by every test
+    whose run trains the same model. Its `step_time_s` only sleeps, so the reference runs
+    without it; the checkpoint interval and the other settings do not change the final
+    state either (that is what the tests that compare against it check)."""
+    import json
+
+    from tests.helpers import make_config, run_job
+
+    made = {}
+
+    def get(args: dict, num_workers: int = 2):
+        trained = {k: v for k, v in args.items() if k != "step_time_s"}
+        key = (json.dumps(trained, sort_keys=True), num_workers)
+        if key not in made:
+            config = make_config(str(tmp_path_factory.mktemp("mlp-ref")), "ref",
+                                 workload={"entrypoint": "workloads.mlp:train", "args": trained},
+                                 scaling={"num_workers": num_workers},
+                                 checkpoint={"interval_steps": 5})
+            result, layout = run_job(config)
+            assert result.succeeded and result.summary["restarts"] == 0, result.message
+            made[key] = layout
+        return made[key]
+
+    return get
+
+
 # --- S3: a real S3-protocol server on loopback ----------------------------------------------
 # The endpoint is fixed now, before anything reads the environment, so that every process the
 # tests start (gang processes, Ray workers) reaches the same server the usual AWS way.

@@ -40,10 +40,8 @@ def mlp_job(storage, name, plan: FaultPlan | None = None, checkpoint=None):
 
 
 @pytest.fixture(scope="module")
-def reference(ray_cluster, tmp_path_factory):
-    result, layout = run_job(mlp_job(tmp_path_factory.mktemp("ref"), "ref"))
-    assert result.succeeded, result.message
-    return layout
+def reference(mlp_reference):
+    return mlp_reference(ARGS)  # the session's uninterrupted run of this model (conftest.py)
 
 
 def chaos_cli(*args: str) -> subprocess.CompletedProcess:

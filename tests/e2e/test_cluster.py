@@ -20,8 +20,7 @@ from orchestrator.checkpoint.commit import committed_checkpoints
 from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.storage import Storage
 from tests import helpers
-from tests.helpers import (assert_same_final_state, events_of, make_config, poll_until,
-                           run_job)
+from tests.helpers import assert_same_final_state, events_of, poll_until
 
 pytestmark = pytest.mark.e2e
 
@@ -42,13 +41,8 @@ def rank1_node(layout: RunLayout) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(ray_cluster, tmp_path_factory):
-    config = make_config(str(tmp_path_factory.mktemp("ref")), "ref",
-                         workload={"entrypoint": "workloads.mlp:train", "args": ARGS},
-                         checkpoint={"interval_steps": 5})
-    result, layout = run_job(config)
-    assert result.succeeded
-    return layout
+def reference(mlp_reference):
+    return mlp_reference(ARGS)  # the session's uninterrupted run of this model (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -100,7 +100,7 @@ def test_an_intermittent_bug_is_restarted_through(ray_cluster, tmp_path):
 
 
 def test_survivors_are_reused_and_a_spare_takes_the_lost_rank_many_times_in_a_row(
-        ray_cluster, tmp_path):
+        ray_cluster, tmp_path, mlp_reference):
     """Six kills in a row: each time the survivor's process group is re-formed in the same
     process, and the lost rank goes to the spare (warm, or still starting after the previous
     kill used the last one)."""
@@ -117,13 +117,11 @@ def test_survivors_are_reused_and_a_spare_takes_the_lost_rank_many_times_in_a_ro
     assert len(started) == 7
     assert len({s["workers"][0]["pid"] for s in started}) == 1  # rank 0 kept its process
     assert all(s["ranks_from_spares"] == [1] for s in started[1:])
-    reference, ref_layout = run_job(mlp_job(tmp_path, "chain-ref", {"steps": 40}))
-    assert reference.succeeded
-    assert_same_final_state(layout, ref_layout, 40)
+    assert_same_final_state(layout, mlp_reference({"steps": 40}), 40)
 
 
-def test_without_spares_a_standby_holding_no_resources_takes_the_lost_rank(ray_cluster,
-                                                                             tmp_path):
+def test_without_spares_a_standby_holding_no_resources_takes_the_lost_rank(
+        ray_cluster, tmp_path, mlp_reference):
     """The default (scaling.standby_workers: 1, no spare): the gang takes every CPU of the
     cluster, so nothing could hold a spare's resources -- yet each lost rank goes to the idle
     standby on its node, which already imported torch, instead of a new process."""
@@ -146,6 +144,4 @@ def test_without_spares_a_standby_holding_no_resources_takes_the_lost_rank(ray_c
     assert len(set(pids)) == 3
     assert not ray.util.placement_group_table() or all(
         pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
-    reference, ref_layout = run_job(mlp_job(tmp_path, "standby-ref", {"steps": 90}))
-    assert reference.succeeded
-    assert_same_final_state(layout, ref_layout, 90)
+    assert_same_final_state(layout, mlp_reference({"steps": 90}), 90)

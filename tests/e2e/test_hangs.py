@@ -30,10 +30,8 @@ def mlp_job(tmp_path, name, args, hang_timeout_s=HANG_TIMEOUT_S, **sections):
 
 
 @pytest.fixture(scope="module")
-def reference(ray_cluster, tmp_path_factory):
-    result, layout = run_job(mlp_job(tmp_path_factory.mktemp("ref"), "ref", ARGS))
-    assert result.succeeded
-    return layout
+def reference(mlp_reference):
+    return mlp_reference(ARGS)  # the session's uninterrupted run of this model (conftest.py)
 
 
 @pytest.mark.parametrize("hang_timeout_s", [HANG_TIMEOUT_S, "auto"])

@@ -18,8 +18,7 @@ from orchestrator.checkpoint import commit
 from orchestrator.checkpoint.layout import RunLayout
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.lease import LeaseRecord, current_generation
-from tests.helpers import (assert_same_final_state, events_of, make_config, poll_until, run_job,
-                           start_driver)
+from tests.helpers import assert_same_final_state, events_of, poll_until, start_driver
 
 pytestmark = pytest.mark.e2e
 
@@ -37,13 +36,8 @@ def committed(layout: RunLayout) -> list:
 
 
 @pytest.fixture(scope="module")
-def reference(ray_cluster, tmp_path_factory):
-    config = make_config(str(tmp_path_factory.mktemp("ref")), "ref",
-                         workload={"entrypoint": "workloads.mlp:train", "args": ARGS},
-                         checkpoint={"interval_steps": 5})
-    result, layout = run_job(config)
-    assert result.succeeded
-    return layout
+def reference(mlp_reference):
+    return mlp_reference(ARGS)  # the session's uninterrupted run of this model (conftest.py)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -115,8 +109,9 @@ def test_a_restarted_driver_continues_the_job_without_starting_it_over(
         ray_cluster, tmp_path, reference):
     storage = str(tmp_path / "runs")
     layout = RunLayout(Storage(storage), "cont")
-    # A finished run with checkpoints 5..40; then a job that starts over from step 20.
-    first = driver(ray_cluster, storage, "cont")
+    # A finished run with checkpoints 5..40 (its steps need not sleep: nothing watches
+    # them); then a job that starts over from step 20.
+    first = driver(ray_cluster, storage, "cont", "workload.args.step_time_s=0")
     assert first.wait(timeout=300) == 0
     start_over = ("checkpoint.restore=20", "checkpoint.overwrite=true",
                   "chaos.faults=[{kind: kill, rank: 1, at_step: 23}]", "failure.max_restarts=1")

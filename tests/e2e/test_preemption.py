@@ -42,10 +42,8 @@ def events(layout, kind):
 
 
 @pytest.fixture(scope="module")
-def reference(ray_cluster, tmp_path_factory):
-    result, layout = run_job(mlp_job(tmp_path_factory.mktemp("ref"), "ref"))
-    assert result.succeeded
-    return layout
+def reference(mlp_reference):
+    return mlp_reference(ARGS)  # the session's uninterrupted run of this model (conftest.py)
 
 
 def test_sigterm_checkpoints_at_once_and_loses_at_most_the_step_in_progress(

@@ -81,9 +81,8 @@ def test_a_full_volume_fails_saves_until_max_failed_saves_stops_the_job(
 
 
 def test_with_on_save_error_stop_a_full_volume_restarts_and_the_run_completes_once_freed(
-        ray_cluster, tmp_path, mount_small_disk):
-    reference, ref_layout = run_job(job(tmp_path / "ref", "ref", on_save_error="stop"))
-    assert reference.succeeded, reference.message
+        ray_cluster, tmp_path, mount_small_disk, mlp_reference):
+    ref_layout = mlp_reference(ARGS)
 
     config = job(tmp_path, "stop", on_save_error="stop")
     volume = mount_small_disk(tmp_path / "stop" / "checkpoints")

@@ -34,17 +34,17 @@ def test_saves_commits_and_restores_through_503s_and_drops_end_with_equal_weight
     ref, faulty = f"{s3_bucket}/ref", f"{s3_bucket}/faulty"
     for url, env in ((ref, {}), (faulty, through(proxy))):
         if url == faulty:
-            proxy.add(Rule(method="PUT", action="503", every=3, times=20))  # shards, manifests
+            proxy.add(Rule(method="PUT", action="503", every=3, times=8))  # shards, manifests
             proxy.add(Rule(method="GET", path=r"distcp|metadata|manifest", action="drop",
-                           every=4, times=20))
-            proxy.add(Rule(action="503", every=7, times=20))  # and any other request
+                           every=4, times=8))
+            proxy.add(Rule(action="503", every=7, times=8))  # and any other request
         # Train to 6 saving at 2, 4, 6; then a new gang restores 6 and trains on to 8.
         run_gang(sc.train_and_save, 2, url, {}, 6, {2, 4, 6}, out_dir=str(tmp_path), env=env)
         results = run_gang(sc.train_and_save, 2, url, {}, 8, {8}, out_dir=str(tmp_path),
                            env=env)
         assert [r["start"] for r in results] == [6, 6]
         assert not [e for e in results[0]["events"] if e["kind"] == "checkpoint_failed"]
-    assert proxy.faults >= 10, proxy.faults
+    assert proxy.faults >= 10, proxy.faults  # up to 8 of each kind, 24 in all
     a, b = sc.committed_model(ref, 8), sc.committed_model(faulty, 8)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -4,7 +4,6 @@
 import io
 import logging
 
-import pytest
 
 from orchestrator import ray_logs
 from orchestrator.goodput import GoodputLedger
