@@ -317,11 +317,6 @@ class _Job:
     arena: Arena
     publish: bool
     """Whether the buddy may take this step from the arena (its values are there too)."""
-    send_to: int | None
-    receive_from: int | None
-    """The buddies this copy goes to and comes from over gloo (None: shared pages, or
-    alone), fixed when it is taken: a copy abandoned by a failed attempt must not read the
-    next attempt's links."""
     ring: dist.ProcessGroup | None
     done: threading.Event
     future: concurrent.futures.Future | None = None
@@ -579,14 +574,11 @@ class MemoryTier:
             log.warning("memory copy of step %d: its plain values outgrew the arena", step)
         own = Copy(self._rank, step, gen, OWN,
                    source=lambda: rebuild(layout.skeleton, slots, values))
-        n = self._world_size
         job = _Job(step=step, generation=gen,
                    deferred=([slots[i] for i in layout.deferred],
                              [tensors[i] for i in layout.deferred]),
-                   own=own, arena=arena, publish=publish,
-                   send_to=(self._rank - 1) % n if links.send else None,
-                   receive_from=(self._rank + 1) % n if links.receive else None,
-                   ring=self._ring, done=threading.Event())
+                   own=own, arena=arena, publish=publish, ring=self._ring,
+                   done=threading.Event())
         self._job = job
         if copy_inline(layout.deferred_bytes, over_gloo=links.send or links.receive):
             self._copy_and_exchange(job)
@@ -689,9 +681,12 @@ class MemoryTier:
                 job.arena.publish(job.step)
             with self._lock:
                 self._held.append(job.own)
-            if job.send_to is not None or job.receive_from is not None:
-                got = exchange(job.ring, job.send_to,
-                               job.own if job.send_to is not None else None, job.receive_from,
+            n, links = self._world_size, self._links
+            send, receive = links.send, links.receive
+            if send or receive:
+                got = exchange(job.ring, (self._rank - 1) % n if send else None,
+                               job.own if send else None,
+                               (self._rank + 1) % n if receive else None,
                                self._generations[job.generation].buddy_buffers)
                 if got is not None:
                     with self._lock:
